@@ -1,0 +1,64 @@
+"""dask_sharedmem: one multi-core machine as one shared-memory computer.
+
+Shared numpy arrays, a fork worker pool with MapReduce, and a dask scheduler,
+all built on ``fork`` and anonymous shared memory.  A drop-in successor to
+``sharedmem`` 0.3.8: ``import dask_sharedmem as sharedmem``.
+"""
+
+from .memory import (
+    SharedArray,
+    copy,
+    empty,
+    empty_like,
+    fromiter,
+    full,
+    full_like,
+    ones,
+    ones_like,
+    zeros,
+    zeros_like,
+)
+
+from .mapreduce import (
+    LostExceptionType,
+    MapReduce,
+    MapReduceByThread,
+    StopProcessGroup,
+    WorkerException,
+    background,
+    get_debug,
+    set_debug,
+)
+from .pool import WorkerDied, cpu_count, total_memory
+
+Pool = MapReduce
+TPool = MapReduceByThread
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LostExceptionType",
+    "MapReduce",
+    "MapReduceByThread",
+    "Pool",
+    "SharedArray",
+    "StopProcessGroup",
+    "TPool",
+    "WorkerDied",
+    "WorkerException",
+    "background",
+    "cpu_count",
+    "get_debug",
+    "set_debug",
+    "total_memory",
+    "copy",
+    "empty",
+    "empty_like",
+    "fromiter",
+    "full",
+    "full_like",
+    "ones",
+    "ones_like",
+    "zeros",
+    "zeros_like",
+]

@@ -1,0 +1,183 @@
+"""Parent <-> worker messages: framed pickles over a Unix socket, with shared
+memory passed alongside as file descriptors.
+
+One message on the wire::
+
+    +-------------------+----------------------+-----------------------------+
+    | header (16 bytes) | segment table        | pickle of the object        |
+    | body len, n segs  | n x (token, size)    | (protocol 5, in band)       |
+    +-------------------+----------------------+-----------------------------+
+      SCM_RIGHTS: the n memfds of the segments ride on the header's bytes
+
+Pickling is done by :class:`_Pickler`, which differs from ``pickle.dumps`` in
+one way: numpy arrays that live in shared memory -- and plain numpy arrays of
+at least ``threshold`` bytes, which it first copies into a fresh segment --
+are written as *handles* (see ``memory.py``) and their segments' memfds are
+attached to the message.  The receiver maps every attached segment it does
+not know yet and registers it *before* unpickling, so every handle in the
+body resolves to a view of shared memory: large data never crosses the
+socket, only its file descriptor does.
+
+Reading is incremental (:meth:`Channel.feed`), so the parent can multiplex
+many workers with ``selectors`` and read each socket as it becomes readable;
+workers use the blocking :meth:`Channel.recv`.  End of file raises
+``EOFError``: that is how the parent learns, at once, that a worker died.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import os
+import pickle
+import socket
+import struct
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from . import memory
+
+_HEADER = struct.Struct("=QQ")  # body length, number of segments
+_SEGMENT = struct.Struct("=24sQ")  # token, size
+_RECV_SIZE = 1 << 18
+_MAX_FDS_PER_READ = 253  # SCM_MAX_FD on Linux
+
+#: numpy arrays at least this large travel in shared memory, not in the pickle
+DEFAULT_THRESHOLD = 64 * 1024
+
+
+class _Pickler(pickle.Pickler):
+    """A pickler that sends shared (and large) numpy arrays as handles."""
+
+    def __init__(self, file: io.BytesIO, threshold: int | None):
+        super().__init__(file, protocol=5)
+        self.threshold = threshold
+        self.segments: list[memory._Segment] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, np.ndarray):
+            return NotImplemented
+        seg = memory._segment_of(obj)
+        if seg is None:
+            if (self.threshold is None or obj.nbytes < self.threshold
+                    or obj.dtype.hasobject or type(obj) is not np.ndarray):
+                return NotImplemented
+            shared = memory.empty_like(obj, order="A")
+            shared[...] = obj
+            obj, seg = shared, memory._segment_of(shared)
+            cls = np.ndarray
+        else:
+            cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
+        self.segments.append(seg)
+        return memory._rebuild, (memory._handle(obj, seg), None, cls)
+
+
+def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD) -> tuple[bytes, list]:
+    """Pickle ``obj`` for a channel; return the body and the segments it uses."""
+    buf = io.BytesIO()
+    p = _Pickler(buf, threshold)
+    p.dump(obj)
+    return buf.getvalue(), p.segments
+
+
+class Channel:
+    """One end of a parent<->worker socket (see the module docstring)."""
+
+    def __init__(self, sock: socket.socket, threshold: int | None = DEFAULT_THRESHOLD):
+        self.sock = sock
+        self.threshold = threshold
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+    # -- sending -----------------------------------------------------------
+    def send(self, obj: Any) -> None:
+        """Pickle ``obj`` and send it (raises what pickling raises, sends nothing then)."""
+        body, segments = dumps(obj, self.threshold)
+        self.send_bytes(body, segments)
+
+    def send_bytes(self, body: bytes, segments: list) -> None:
+        unique = list({s.token: s for s in segments}.values())
+        rows = [_SEGMENT.pack(s.token.encode(), len(s)) for s in unique]
+        head = _HEADER.pack(len(body), len(unique))
+        if not unique:
+            self.sock.sendall(head + body)
+            return
+        # the kernel takes at most SCM_MAX_FD descriptors per sendmsg: each group
+        # of descriptors rides on its own rows of the segment table
+        for k in range(0, len(unique), _MAX_FDS_PER_READ):
+            group = unique[k:k + _MAX_FDS_PER_READ]
+            part = (head if k == 0 else b"") + b"".join(rows[k:k + _MAX_FDS_PER_READ])
+            fds = array.array("i", [s.fd for s in group])
+            sent = self.sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            if sent < len(part):
+                self.sock.sendall(part[sent:])
+        self.sock.sendall(body)
+
+    # -- receiving ---------------------------------------------------------
+    def _read(self) -> None:
+        data, anc, _flags, _addr = self.sock.recvmsg(
+            _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(fds)
+        if not data:
+            raise EOFError("the other end of the channel closed")
+        self._buf += data
+
+    def _pop(self) -> tuple[bool, Any]:
+        """Take one complete message off the buffer, if there is one."""
+        if len(self._buf) < _HEADER.size:
+            return False, None
+        size, nseg = _HEADER.unpack_from(self._buf)
+        start = _HEADER.size + nseg * _SEGMENT.size
+        if len(self._buf) < start + size:
+            return False, None
+        segments = []
+        for k in range(nseg):
+            token, length = _SEGMENT.unpack_from(self._buf, _HEADER.size + k * _SEGMENT.size)
+            segments.append(memory._adopt_segment(self._fds.popleft(), length, token.decode()))
+        body = bytes(self._buf[start:start + size])
+        del self._buf[:start + size]
+        return True, pickle.loads(body)  # ``segments`` keeps the mappings alive until here
+
+    def feed(self) -> list:
+        """Read what is available (one ``recv``) and return the complete messages."""
+        self._read()
+        out = []
+        while True:
+            ok, msg = self._pop()
+            if not ok:
+                return out
+            out.append(msg)
+
+    def recv(self) -> Any:
+        """Block until one message has arrived and return it."""
+        while True:
+            ok, msg = self._pop()
+            if ok:
+                return msg
+            self._read()
+
+
+def pair(threshold: int | None = DEFAULT_THRESHOLD) -> tuple[Channel, Channel]:
+    """Two connected channels (parent end, worker end).
+
+    >>> a, b = pair()
+    >>> a.send({'x': 1}); b.recv()
+    {'x': 1}
+    >>> a.close(); b.close()
+    """
+    s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return Channel(s1, threshold), Channel(s2, threshold)

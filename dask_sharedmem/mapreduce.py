@@ -1,0 +1,761 @@
+"""MapReduce: sharedmem's programming model on the fork worker pool.
+
+``pool.map(func, sequence, reduce=...)`` forks the workers *inside* ``map``,
+so ``func`` may be any closure or lambda and ``sequence`` any list or array:
+workers find both in their own memory.  Only index ranges go to the workers
+and only results come back.
+
+Dispatch (parent)                          Work (each worker)
+-----------------                          ------------------
+send (start, stop) ranges, two per         for i in range(start, stop):
+worker in flight so none idles                 progress[rank] = i
+                                               out.append(func(sequence[i]))
+on ("done", start, out, seconds):          send ("done", start, out, seconds)
+    reduce(*r) for each r, store it
+    size the next range from seconds
+
+Ranges grow adaptively: a range is sized to take about ``_BATCH_SECONDS``
+at the measured cost per item, but never more than an eighth of a worker's
+share of what is left, so that 100,000 trivial items cost a handful of
+messages and a few slow ones still spread over all workers.
+
+``critical`` is a POSIX record lock (``lockf``) on a memfd made before the
+fork: it excludes processes, and the kernel drops it if its holder dies.
+``ordered`` is arbitrated by the parent: a worker asks to enter for item
+``i`` and the parent answers once every item before ``i`` has left the
+block or finished without entering it.  Each worker writes the index it is
+working on into a small shared array, so that if it dies the error names the
+item.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import fcntl
+import heapq
+import os
+import threading
+import time
+import traceback
+import types
+import warnings
+import weakref
+from typing import Any, Callable, Iterable
+
+from dask.callbacks import Callback, unpack_callbacks
+
+from . import memory
+from .channel import dumps
+from .pool import (
+    WorkerDied,
+    Workers,
+    cpu_count,
+    pack_exception,
+    unpack_exception,
+)
+
+__all__ = [
+    "LostExceptionType",
+    "MapReduce",
+    "MapReduceByThread",
+    "StopProcessGroup",
+    "WorkerException",
+    "background",
+    "get_debug",
+    "set_debug",
+]
+
+_BATCH_SECONDS = 0.02
+_debug = False
+
+
+def set_debug(flag: bool) -> None:
+    """Set the debug mode.
+
+    In debug mode ``MapReduce.map`` runs the work function serially in the
+    calling process, so exceptions propagate unchanged and ``pdb`` works.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.set_debug(True); sharedmem.get_debug()
+    True
+    >>> sharedmem.set_debug(False)
+    """
+    global _debug
+    _debug = bool(flag)
+
+
+def get_debug() -> bool:
+    """Return the debug mode (see :func:`set_debug`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.get_debug()
+    False
+    """
+    return _debug
+
+
+class LostExceptionType(Warning):
+    """Warned when a worker's exception could not be pickled and its type is lost."""
+
+
+class WorkerException(Exception):
+    """An exception raised in a worker, re-raised in the parent.
+
+    Attributes
+    ----------
+    reason : BaseException
+        The original exception, of its original type when it could be
+        pickled (otherwise an ``Exception`` with its message, and a
+        :class:`LostExceptionType` warning is issued).  A worker that died
+        gives a :class:`~dask_sharedmem.WorkerDied`.
+    traceback : str
+        The worker's formatted traceback.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> with sharedmem.MapReduce(np=2) as pool:
+    ...     try:
+    ...         pool.map(lambda i: 1 // i, [1, 0])
+    ...     except sharedmem.WorkerException as e:
+    ...         print(type(e.reason).__name__)
+    ZeroDivisionError
+    """
+
+    def __init__(self, reason: Any, traceback: str):
+        if not isinstance(reason, BaseException):
+            warnings.warn(f"Type information of unpicklable exception {reason!r} is lost",
+                          LostExceptionType, stacklevel=2)
+            reason = Exception(reason)
+        self.reason = reason
+        self.traceback = traceback
+        super().__init__(f"{type(reason).__name__}: {reason}\n{traceback}")
+
+
+class StopProcessGroup(Exception):
+    """Raise in a work function to stop the map early, like ``break`` in a loop.
+
+    No further items are started; ``map`` returns the (reduced) results of
+    the items that completed, in sequence order.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> def work(i):
+    ...     if i == 3:
+    ...         raise sharedmem.StopProcessGroup
+    ...     return i
+    >>> with sharedmem.MapReduce(np=0) as pool:
+    ...     pool.map(work, range(10))
+    [0, 1, 2]
+    """
+
+    def __init__(self, *args: Any):
+        super().__init__(*(args or ("StopProcessGroup",)))
+
+
+def _check_np(np: Any) -> int:
+    if np is None:
+        return cpu_count()
+    if isinstance(np, bool) or not isinstance(np, int):
+        raise TypeError(f"np must be an int (the number of workers) or None, not {np!r}")
+    if np < 0:
+        raise ValueError(f"np must be >= 0 (0 runs in this process), not {np}")
+    return np
+
+
+class _Critical:
+    """``with pool.critical:`` -- at most one worker inside at a time."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._lock = threading.RLock()
+
+    def _open(self) -> None:
+        self._fd = os.memfd_create("dask_sharedmem-critical", os.MFD_CLOEXEC)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> _Critical:
+        self._lock.acquire()
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        self._lock.release()
+
+
+class _Ordered:
+    """``with pool.ordered:`` -- the block runs in the order of the items.
+
+    In a worker, entering asks the parent (which arbitrates) and waits for
+    its go-ahead; in serial mode items already run in order.  Threads use a
+    condition over the same bookkeeping (:class:`_Turns`).
+    """
+
+    def __init__(self) -> None:
+        self._worker: _WorkerContext | None = None
+        self._turns: _Turns | None = None
+        self._tls = threading.local()
+
+    def __enter__(self) -> _Ordered:
+        if self._worker is not None:
+            self._worker.enter_ordered()
+        elif self._turns is not None:
+            self._turns.wait_for(self._tls.item)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._worker is not None:
+            self._worker.exit_ordered()
+        elif self._turns is not None:
+            self._tls.entered = True
+            self._turns.mark(self._tls.item, self._tls.item + 1)
+
+
+class _Turns:
+    """Which items have passed the ordered block (or finished without it).
+
+    ``mark(start, stop)`` records a finished range; ``next`` is the first
+    item that has not passed.  Item ``i`` may enter once ``next == i``.
+
+    >>> t = _Turns(); t.mark(1, 3); t.next
+    0
+    >>> t.mark(0, 1); t.next
+    3
+    """
+
+    def __init__(self) -> None:
+        self.next = 0
+        self._ranges: list[tuple[int, int]] = []
+        self._cond = threading.Condition()
+
+    def mark(self, start: int, stop: int) -> None:
+        with self._cond:
+            heapq.heappush(self._ranges, (start, stop))
+            while self._ranges and self._ranges[0][0] <= self.next:
+                self.next = max(self.next, heapq.heappop(self._ranges)[1])
+            self._cond.notify_all()
+
+    def wait_for(self, item: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.next >= item)
+
+
+class _WorkerContext:
+    """A worker's side of one map: its channel, current item, ordered state."""
+
+    def __init__(self, chan: Any, rank: int):
+        self.chan = chan
+        self.rank = rank
+        self.item = -1
+        self.entered = False
+        self.skipped: list[int] = []  # finished without entering ordered, not yet reported
+        self.stash: collections.deque = collections.deque()
+
+    def recv(self) -> Any:
+        return self.stash.popleft() if self.stash else self.chan.recv()
+
+    def enter_ordered(self) -> None:
+        self.chan.send(("ordered", self.item, self.skipped))
+        self.skipped = []
+        while True:
+            msg = self.chan.recv()
+            if msg == "go":
+                return
+            self.stash.append(msg)
+
+    def exit_ordered(self) -> None:
+        self.entered = True
+        self.chan.send(("ordered_exit", self.item))
+
+
+class _Progress:
+    """dask callbacks (ProgressBar, Profiler, ...) for the items of one map."""
+
+    class _Count:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def __len__(self) -> int:
+            return self.n
+
+    def __init__(self, callbacks: Any, n: int, func: Callable, sequence: Any):
+        self.start, self.start_state, self.pretask, self.posttask, self.finish = (
+            unpack_callbacks(callbacks))
+        self.dsk = _ItemGraph(func, sequence)
+        self.state = {k: self._Count() for k in ("ready", "waiting", "running", "finished")}
+        self.state["ready"].n = n
+
+    def begin(self) -> None:
+        for f in self.start:
+            f(self.dsk)
+        for f in self.start_state:
+            f(self.dsk, self.state)
+
+    def dispatched(self, start: int, stop: int) -> None:
+        self.state["ready"].n -= stop - start
+        self.state["running"].n += stop - start
+        for f in self.pretask:
+            for i in range(start, stop):
+                f(i, self.dsk, self.state)
+
+    def done(self, i: int, result: Any, rank: int) -> None:
+        self.state["running"].n -= 1
+        self.state["finished"].n += 1
+        for f in self.posttask:
+            f(i, result, self.dsk, self.state, rank)
+
+    def end(self, errored: bool) -> None:
+        for f in self.finish:
+            f(self.dsk, self.state, errored)
+
+
+class _ItemGraph(collections.abc.Mapping):
+    """The items of a map seen as a dask graph ``{index: (func, item)}`` (lazily)."""
+
+    def __init__(self, func: Callable, sequence: Any):
+        self.func, self.sequence = func, sequence
+
+    def __getitem__(self, i: int) -> tuple:
+        return (self.func, self.sequence[i])
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def __iter__(self):
+        return iter(range(len(self.sequence)))
+
+
+class MapReduce:
+    """A pool of forked worker processes for map-reduce over a sequence.
+
+    Parameters
+    ----------
+    np : int, optional
+        Number of workers.  Default: :func:`cpu_count` (``OMP_NUM_THREADS``,
+        then ``PBS_NUM_PPN``, then the CPUs this process may use).  ``0`` runs
+        everything in the calling process.
+    backend : {'process', 'thread'}
+        ``'thread'`` uses threads instead of processes (see
+        :func:`MapReduceByThread`).
+
+    Attributes
+    ----------
+    np : int
+        The number of workers.
+    critical : context manager
+        ``with pool.critical:`` lets one worker at a time into the block.
+    ordered : context manager
+        ``with pool.ordered:`` runs the block in the order of the items.
+    local : namespace
+        ``pool.local.rank`` is the worker's number, 0..np-1 (0 in serial mode).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> total = sharedmem.zeros(())
+    >>> with sharedmem.MapReduce(np=2) as pool:
+    ...     def work(i):
+    ...         with pool.critical:
+    ...             total[...] += i
+    ...         return i * i
+    ...     pool.map(work, range(5))
+    [0, 1, 4, 9, 16]
+    >>> float(total)
+    10.0
+    """
+
+    def __init__(self, np: int | None = None, backend: str = "process"):
+        if backend not in ("process", "thread"):
+            raise ValueError(f"backend must be 'process' or 'thread', not {backend!r}")
+        self.np = _check_np(np)
+        self.backend = backend
+        self.critical = _Critical()
+        self.ordered = _Ordered()
+        self.local = threading.local() if backend == "thread" else types.SimpleNamespace()
+        self.local.rank = 0
+
+    def __enter__(self) -> MapReduce:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"MapReduce(np={self.np}, backend={self.backend!r})"
+
+    def map(self, func: Callable, sequence: Iterable, reduce: Callable | None = None,
+            star: bool = False, minlength: int = 0) -> list:
+        """Apply ``func`` to every item of ``sequence`` in parallel.
+
+        Parameters
+        ----------
+        func : callable
+            Called as ``func(item)`` (``func(*item)`` with ``star=True``).  It
+            may be a closure or lambda defined anywhere: it is not pickled.
+        sequence : sequence or iterable
+            The items.  Unsized iterables (generators) are read into a list
+            first.  Items are not pickled either.
+        reduce : callable, optional
+            Called in this process on each result as it arrives; a tuple
+            result is spread into its arguments.  Its return values make up
+            the list that ``map`` returns.
+        star : bool
+            Spread each item into ``func``'s arguments.
+        minlength : int
+            Sequences shorter than this run serially in this process, to skip
+            the cost of forking for little work.
+
+        Returns
+        -------
+        list
+            The (reduced) results in the order of ``sequence``.
+
+        Raises
+        ------
+        WorkerException
+            If ``func`` raised in a worker (``.reason`` is the exception,
+            ``.traceback`` the worker's traceback) or a worker died
+            (``.reason`` is a :class:`WorkerDied` naming the item and signal).
+
+        Examples
+        --------
+        >>> import dask_sharedmem as sharedmem
+        >>> with sharedmem.MapReduce(np=2) as pool:
+        ...     pool.map(lambda a, b: (a, a * b), [(1, 2), (3, 4)], star=True,
+        ...              reduce=lambda a, ab: ab)
+        [2, 12]
+        """
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable or None, not {type(reduce).__name__}")
+        if not isinstance(minlength, int):
+            raise TypeError(f"minlength must be an int, not {type(minlength).__name__}")
+        if not _is_indexable(sequence):
+            sequence = list(sequence)
+        n = len(sequence)
+        call = (lambda item: func(*item)) if star else func
+        finish = _reducer(reduce)
+        callbacks = Callback.active
+        progress = _Progress(callbacks, n, call, sequence) if callbacks else None
+        if n == 0 or self.np == 0 or _debug or n < minlength:
+            return self._serial(call, sequence, finish, progress)
+        if self.backend == "thread":
+            return self._threads(call, sequence, finish, progress)
+        return self._processes(call, sequence, finish, progress)
+
+    # -- serial -------------------------------------------------------------
+    def _serial(self, call: Callable, sequence: Any, finish: Callable,
+                progress: _Progress | None) -> list:
+        out = []
+        errored = True
+        if progress:
+            progress.begin()
+        try:
+            for i in range(len(sequence)):
+                if progress:
+                    progress.dispatched(i, i + 1)
+                try:
+                    r = call(sequence[i])
+                except StopProcessGroup:
+                    break
+                if progress:
+                    progress.done(i, r, 0)
+                out.append(finish(r))
+            errored = False
+        finally:
+            if progress:
+                progress.end(errored)
+        return out
+
+    # -- processes ----------------------------------------------------------
+    def _processes(self, call: Callable, sequence: Any, finish: Callable,
+                   progress: _Progress | None) -> list:
+        n = len(sequence)
+        nworkers = min(self.np, n)
+        current = memory.empty(nworkers, dtype="i8")  # the item each worker is on
+        results: list = [None] * n
+        completed = bytearray(n)
+        stopped = False
+        turns = _Turns()
+        waiting: dict[int, int] = {}  # item -> rank waiting to enter ordered
+        inflight: list[collections.deque] = [collections.deque() for _ in range(nworkers)]
+        cursor = 0
+        per_item: float | None = None  # measured seconds per item
+
+        def worker_main(chan: Any, rank: int) -> None:
+            self.local.rank = rank
+            ctx = _WorkerContext(chan, rank)
+            self.ordered._worker = ctx
+            while True:
+                start, stop = ctx.recv()
+                t0 = time.perf_counter()
+                out = []
+                for i in range(start, stop):
+                    current[rank] = ctx.item = i
+                    ctx.entered = False
+                    try:
+                        out.append(call(sequence[i]))
+                    except StopProcessGroup:
+                        chan.send(("stop", start, out))
+                        break
+                    except BaseException as e:
+                        chan.send(("error", i, pack_exception(e)))
+                        return
+                    if not ctx.entered:
+                        ctx.skipped.append(i)
+                else:
+                    _send_results(chan, start, out, time.perf_counter() - t0)
+                ctx.skipped = []
+
+        def dispatch(rank: int) -> None:
+            nonlocal cursor
+            if cursor >= n or stopped:
+                return
+            size = 1
+            if per_item is not None:  # aim at _BATCH_SECONDS, keep the load balanced
+                size = max(1, min((n - cursor) // (8 * nworkers),
+                                  int(_BATCH_SECONDS / max(per_item, 1e-9))))
+            start, cursor = cursor, cursor + size
+            inflight[rank].append((start, cursor))
+            if progress:
+                progress.dispatched(start, cursor)
+            w.send(rank, (start, cursor))
+
+        def release(start: int, stop: int) -> None:
+            turns.mark(start, stop)
+            rank = waiting.pop(turns.next, None)
+            if rank is not None:
+                w.send(rank, "go")
+
+        self.critical._open()
+        errored = True
+        try:
+            with Workers(nworkers, worker_main) as w:
+                if progress:  # after the fork: callbacks may start threads
+                    progress.begin()
+                for _ in range(2):  # two ranges in flight per worker: none waits for the next
+                    for rank in range(nworkers):
+                        dispatch(rank)
+                while any(inflight):
+                    try:
+                        events = w.poll()
+                    except WorkerDied as e:
+                        e.doing = f"item {int(current[e.rank])} of the sequence"
+                        e.args = (f"{e} while running item {int(current[e.rank])}",)
+                        raise WorkerException(e, "") from None
+                    for rank, msg in events:
+                        kind = msg[0]
+                        if kind == "done" or kind == "stop":
+                            start, out = msg[1], msg[2]
+                            _, stop = inflight[rank].popleft()
+                            for k, r in enumerate(out):
+                                if progress:
+                                    progress.done(start + k, r, rank)
+                                results[start + k] = finish(r)
+                            completed[start:start + len(out)] = b"\x01" * len(out)
+                            release(start, stop)
+                            if kind == "stop":
+                                stopped = True
+                            else:
+                                per_item = msg[3] / max(len(out), 1)
+                                dispatch(rank)
+                        elif kind == "ordered":
+                            for j in msg[2]:
+                                turns.mark(j, j + 1)
+                            if turns.next == msg[1]:
+                                w.send(rank, "go")
+                            else:
+                                waiting[msg[1]] = rank
+                        elif kind == "ordered_exit":
+                            release(msg[1], msg[1] + 1)
+                        elif kind == "error":
+                            exc, lost = unpack_exception(msg[2])
+                            if lost:
+                                warnings.warn(str(exc), LostExceptionType, stacklevel=3)
+                            raise WorkerException(exc, exc.__cause__.tb)
+            errored = False
+        finally:
+            self.critical._close()
+            if progress:
+                progress.end(errored)
+        if stopped:
+            return [r for r, done in zip(results, completed) if done]
+        return results
+
+    # -- threads ------------------------------------------------------------
+    def _threads(self, call: Callable, sequence: Any, finish: Callable,
+                 progress: _Progress | None) -> list:
+        n = len(sequence)
+        results: list = [None] * n
+        completed = bytearray(n)
+        lock = threading.Lock()
+        items = iter(range(n))
+        failure: list = []
+        stopped = threading.Event()
+        turns = self.ordered._turns = _Turns()
+
+        def worker(rank: int) -> None:
+            self.local.rank = rank
+            tls = self.ordered._tls
+            while not failure and not stopped.is_set():
+                with lock:
+                    i = next(items, None)
+                    if i is not None and progress:
+                        progress.dispatched(i, i + 1)
+                if i is None:
+                    return
+                tls.item, tls.entered = i, False
+                try:
+                    r = call(sequence[i])
+                    with lock:
+                        if progress:
+                            progress.done(i, r, rank)
+                        results[i] = finish(r)
+                        completed[i] = 1
+                except StopProcessGroup:
+                    stopped.set()
+                except BaseException as e:
+                    with lock:
+                        failure.append(e)
+                finally:
+                    if not tls.entered:
+                        turns.mark(i, i + 1)
+                if stopped.is_set() or failure:
+                    turns.mark(0, n)  # release anyone waiting in ordered
+
+        threads = [threading.Thread(target=worker, args=(r,), daemon=True)
+                   for r in range(min(self.np, n))]
+        if progress:
+            progress.begin()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self.ordered._turns = None
+            if progress:
+                progress.end(bool(failure))
+        if failure:
+            e = failure[0]
+            raise WorkerException(e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        if stopped.is_set():
+            return [r for r, done in zip(results, completed) if done]
+        return results
+
+
+def _send_results(chan: Any, start: int, out: list, seconds: float) -> None:
+    """Send a range's results; name the item whose result cannot be pickled."""
+    try:
+        chan.send(("done", start, out, seconds))
+    except Exception:
+        for k, r in enumerate(out):
+            try:
+                dumps(r)
+            except Exception as e:
+                err = TypeError(f"the result of item {start + k} (of type "
+                                f"{type(r).__module__}.{type(r).__qualname__}) cannot be "
+                                f"pickled to send it to the parent: {e}")
+                chan.send(("error", start + k, pack_exception(err)))
+                return
+        raise
+
+
+def _reducer(reduce: Callable | None) -> Callable:
+    if reduce is None:
+        return lambda r: r
+    return lambda r: reduce(*r) if isinstance(r, tuple) else reduce(r)
+
+
+def _is_indexable(sequence: Any) -> bool:
+    return isinstance(sequence, (collections.abc.Sequence, memory.np.ndarray))
+
+
+def MapReduceByThread(np: int | None = None) -> MapReduce:
+    """A :class:`MapReduce` that uses threads instead of processes.
+
+    Useful where forking is not allowed or the work releases the GIL.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> with sharedmem.MapReduceByThread(np=2) as pool:
+    ...     pool.map(abs, [-1, -2])
+    [1, 2]
+    """
+    return MapReduce(np=np, backend="thread")
+
+
+class background:
+    """Call ``function(*args, **kwargs)`` in a forked background process.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> bg = sharedmem.background(sum, [1, 2, 3])
+    >>> bg.wait()
+    6
+    """
+
+    def __init__(self, function: Callable, *args: Any, **kwargs: Any):
+        if not callable(function):
+            raise TypeError(f"function must be callable, not {type(function).__name__}")
+
+        def main(chan: Any, rank: int) -> None:
+            try:
+                result = function(*args, **kwargs)
+            except BaseException as e:
+                chan.send(("error", pack_exception(e)))
+                return
+            try:
+                chan.send(("done", result))
+            except Exception as e:
+                err = TypeError(f"the result (of type {type(result).__qualname__}) cannot "
+                                f"be pickled to send it to the parent: {e}")
+                chan.send(("error", pack_exception(err)))
+
+        self._workers: Workers | None = Workers(1, main)
+        self._workers.__enter__()
+        self._finalizer = weakref.finalize(self, self._workers.kill)
+
+    def wait(self) -> Any:
+        """Wait for the call to finish and return its result.
+
+        Raises
+        ------
+        WorkerException
+            If the call raised, or the process died.
+        """
+        if self._workers is None:
+            raise RuntimeError("wait() was already called for this background call")
+        w, self._workers = self._workers, None
+        try:
+            try:
+                events = []
+                while not events:
+                    events = w.poll()
+            except WorkerDied as e:
+                raise WorkerException(e, "") from None
+            msg = events[0][1]
+            if msg[0] == "error":
+                exc, lost = unpack_exception(msg[1])
+                if lost:
+                    warnings.warn(str(exc), LostExceptionType, stacklevel=2)
+                raise WorkerException(exc, exc.__cause__.tb)
+            return msg[1]
+        finally:
+            w.kill()
+            self._finalizer.detach()

@@ -1,0 +1,365 @@
+"""Shared arrays: numpy arrays in anonymous shared memory.
+
+Every shared array lives in a *segment*: an anonymous memory file
+(``memfd_create``) mapped ``MAP_SHARED`` into this process.  A forked child
+inherits the mapping, so parent and children read and write the same pages.
+
+::
+
+    empty((3, 4)) --> SharedArray --.base--> ... --> _Segment (an mmap.mmap)
+                                                      .token  random id
+                                                      .fd     the memfd
+
+Segments are found again by token in ``_SEGMENTS`` (a weak dictionary that a
+forked child inherits).  That is what pickling uses:
+
+* A shared array pickles as a *handle*: (token, offset, shape, strides,
+  dtype).  Unpickled where the token is known -- this process or a forked
+  child of the process that made it -- the handle becomes a view of the same
+  memory, never a copy.
+* With pickle protocol 5 the data also travels beside the handle (out of
+  band if the pickler has a ``buffer_callback``, as dask.distributed does), so
+  an unrelated process gets a private shared array holding the right values.
+* With older protocols an unrelated process gets a clear error instead of a
+  stale address.
+
+Memory goes back to the operating system when the last view of a segment is
+gone: the mmap is unmapped by its own finalizer and the memfd is closed by a
+``weakref.finalize``.  The file descriptor is kept open while the segment
+lives because ``channel.py`` passes it to other processes (``SCM_RIGHTS``) so
+that results made in one worker can be mapped by the parent and by others.
+"""
+
+from __future__ import annotations
+
+import mmap
+import operator
+import os
+import pickle
+import weakref
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = [
+    "SharedArray",
+    "copy",
+    "empty",
+    "empty_like",
+    "fromiter",
+    "full",
+    "full_like",
+    "ones",
+    "ones_like",
+    "zeros",
+    "zeros_like",
+]
+
+#: token -> live segment of this process (inherited by forked children).
+_SEGMENTS: weakref.WeakValueDictionary[str, _Segment] = weakref.WeakValueDictionary()
+
+
+class _Segment(mmap.mmap):
+    """A shared mapping of one memfd; the root ``base`` of every shared array."""
+
+    token: str
+    fd: int
+    address: int
+
+
+def _register(seg: _Segment, fd: int, token: str) -> _Segment:
+    seg.fd = fd
+    seg.token = token
+    seg.address = np.frombuffer(seg, np.uint8).ctypes.data
+    weakref.finalize(seg, os.close, fd)
+    _SEGMENTS[token] = seg
+    return seg
+
+
+def _new_segment(nbytes: int) -> _Segment:
+    """Allocate a zero-filled segment of at least ``nbytes`` (>= 1) bytes."""
+    size = max(int(nbytes), 1)  # mmap refuses length 0; zero-size arrays need a home too
+    fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        seg = _Segment(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _register(seg, fd, os.urandom(12).hex())
+
+
+def _adopt_segment(fd: int, size: int, token: str) -> _Segment:
+    """Map a segment received from another process (we now own ``fd``)."""
+    seg = _SEGMENTS.get(token)
+    if seg is not None:
+        os.close(fd)
+        return seg
+    try:
+        seg = _Segment(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _register(seg, fd, token)
+
+
+def _segment_of(a: Any) -> _Segment | None:
+    """The segment whose memory ``a`` (an array or buffer) views, or None."""
+    base = a
+    while base is not None:
+        if isinstance(base, _Segment):
+            return base
+        if isinstance(base, memoryview):
+            base = base.obj
+        else:
+            base = getattr(base, "base", None)
+    return None
+
+
+def _handle(a: np.ndarray, seg: _Segment) -> tuple:
+    offset = a.__array_interface__["data"][0] - seg.address if a.size else 0
+    return (seg.token, offset, a.shape, a.strides, a.dtype)
+
+
+def _view(seg: _Segment, offset: int, shape: tuple, strides: tuple, dtype: np.dtype,
+          cls: type = None) -> np.ndarray:
+    if not int(np.prod(shape)):
+        offset, strides = 0, None
+    return np.ndarray.__new__(cls or SharedArray, shape, dtype, buffer=seg,
+                              offset=offset, strides=strides)
+
+
+def _rebuild(handle: tuple, data: Any = None, cls: type = None) -> np.ndarray:
+    """Unpickle a shared array: a view where the segment is known, else by value."""
+    token, offset, shape, strides, dtype = handle
+    seg = _SEGMENTS.get(token)
+    if seg is not None:
+        return _view(seg, offset, shape, strides, dtype, cls)
+    if data is not None:
+        out = empty(shape, dtype)
+        out[...] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        return out if cls in (None, SharedArray) else out.view(cls)
+    raise pickle.UnpicklingError(
+        f"this shared array ({shape}, {dtype}) refers to shared memory that does "
+        f"not exist in process {os.getpid()}: it was pickled as a handle "
+        "(pickle protocol < 5) and can only be unpickled by the process that made "
+        "it or its forked children. To send the data by value, pickle with "
+        "protocol=5 (pickle.dumps(a, protocol=5)) or send numpy.array(a)."
+    )
+
+
+def _pickle_data(a: np.ndarray) -> pickle.PickleBuffer:
+    return pickle.PickleBuffer(np.ascontiguousarray(a).view(np.ndarray))
+
+
+class SharedArray(np.ndarray):
+    """A numpy array in anonymous shared memory (see :func:`empty`).
+
+    Forked processes read and write it in place.  Pickling it costs a handle,
+    not a copy, inside the process that made it and its forked children.
+    Results of arithmetic, ufuncs and reductions are ordinary numpy arrays and
+    scalars: only the memory you allocate with this module is shared.
+    """
+
+    def __array_wrap__(self, obj, context=None, return_scalar=False):
+        if _segment_of(obj) is not None:  # e.g. ``out=shared``: stay shared
+            return obj.view(SharedArray) if type(obj) is not SharedArray else obj
+        obj = obj.view(np.ndarray)
+        return obj[()] if return_scalar else obj
+
+    def __reduce_ex__(self, protocol):
+        seg = _segment_of(self)
+        if seg is None:  # a copy that numpy made with our type: plain data
+            return np.asarray(self).__reduce_ex__(protocol)
+        data = _pickle_data(self) if protocol >= 5 else None
+        return _rebuild, (_handle(self, seg), data)
+
+    def __reduce__(self):
+        return self.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+def _check_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype.hasobject:
+        raise TypeError(
+            f"dtype {dtype} holds Python objects, whose pointers mean nothing in "
+            "another process; shared arrays need a plain dtype. Use numpy.empty "
+            "for object arrays."
+        )
+    return dtype
+
+
+def _order_of(prototype: np.ndarray, order: str) -> str:
+    if order in ("K", "A"):
+        return "F" if prototype.flags.f_contiguous and not prototype.flags.c_contiguous else "C"
+    return order
+
+
+def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> SharedArray:
+    """Return a new shared array of the given shape and type, without initialising it.
+
+    Same signature as :func:`numpy.empty`.  The memory is shared with every
+    process forked afterwards; it is in fact zero-filled, as fresh anonymous
+    memory always is.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> a = sharedmem.empty((2, 3), dtype='i4')
+    >>> a.shape, a.dtype
+    ((2, 3), dtype('int32'))
+    """
+    dtype = _check_dtype(np.dtype(dtype))
+    shape = _normalize_shape(shape)
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    seg = _new_segment(nbytes)
+    return np.ndarray.__new__(SharedArray, shape, dtype, buffer=seg, order=order)
+
+
+def _normalize_shape(shape: Any) -> tuple[int, ...]:
+    """Validate a shape the way numpy does, with numpy's error messages."""
+    if np.ndim(shape) == 0:
+        shape = (shape,)
+    shape = tuple(operator.index(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError("negative dimensions are not allowed")
+    if int(np.prod([float(n) for n in shape])) > np.iinfo(np.intp).max:
+        raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` "
+                         "is larger than the maximum possible size.")
+    return shape
+
+
+def empty_like(prototype: Any, dtype: Any = None, order: str = "K",
+               shape: int | Iterable[int] | None = None) -> SharedArray:
+    """Return a new shared array with the shape and type of ``prototype``.
+
+    Same signature as :func:`numpy.empty_like` (without ``subok``: the result
+    is always a :class:`SharedArray`).  ``order='K'`` and ``'A'`` keep a
+    Fortran-ordered prototype Fortran-ordered, otherwise C order is used.
+
+    Examples
+    --------
+    >>> import numpy as np, dask_sharedmem as sharedmem
+    >>> sharedmem.empty_like(np.ones((2, 2), dtype='f4')).dtype
+    dtype('float32')
+    """
+    prototype = np.asanyarray(prototype)
+    return empty(prototype.shape if shape is None else shape,
+                 prototype.dtype if dtype is None else dtype,
+                 _order_of(prototype, order))
+
+
+def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> SharedArray:
+    """Return a new shared array of zeros (same signature as :func:`numpy.zeros`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.zeros(3)
+    SharedArray([0., 0., 0.])
+    """
+    return empty(shape, dtype, order)  # fresh anonymous memory is zero-filled
+
+
+def zeros_like(prototype: Any, dtype: Any = None, order: str = "K",
+               shape: int | Iterable[int] | None = None) -> SharedArray:
+    """Return a shared array of zeros like ``prototype`` (see :func:`numpy.zeros_like`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.zeros_like([1, 2])
+    SharedArray([0, 0])
+    """
+    return empty_like(prototype, dtype, order, shape)
+
+
+def full(shape: int | Iterable[int], fill_value: Any, dtype: Any = None,
+         order: str = "C") -> SharedArray:
+    """Return a new shared array filled with ``fill_value`` (see :func:`numpy.full`).
+
+    As in numpy, the dtype defaults to that of ``fill_value`` (sharedmem 0.3.8
+    always used float64).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.full(2, 7)
+    SharedArray([7, 7])
+    """
+    if dtype is None:
+        dtype = np.asarray(fill_value).dtype
+    out = empty(shape, dtype, order)
+    out[...] = fill_value
+    return out
+
+
+def full_like(prototype: Any, fill_value: Any, dtype: Any = None, order: str = "K",
+              shape: int | Iterable[int] | None = None) -> SharedArray:
+    """Return a shared array like ``prototype`` filled with ``fill_value``.
+
+    Same signature as :func:`numpy.full_like`.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.full_like([1.0, 2.0], 3)
+    SharedArray([3., 3.])
+    """
+    out = empty_like(prototype, dtype, order, shape)
+    out[...] = fill_value
+    return out
+
+
+def ones(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> SharedArray:
+    """Return a new shared array of ones (same signature as :func:`numpy.ones`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.ones(2, dtype=int)
+    SharedArray([1, 1])
+    """
+    return full(shape, 1, dtype if dtype is not None else float, order)
+
+
+def ones_like(prototype: Any, dtype: Any = None, order: str = "K",
+              shape: int | Iterable[int] | None = None) -> SharedArray:
+    """Return a shared array of ones like ``prototype`` (see :func:`numpy.ones_like`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.ones_like([[0, 0]])
+    SharedArray([[1, 1]])
+    """
+    return full_like(prototype, 1, dtype, order, shape)
+
+
+def copy(a: Any, order: str = "K") -> SharedArray:
+    """Return a copy of ``a`` in shared memory (see :func:`numpy.copy`).
+
+    Examples
+    --------
+    >>> import numpy as np, dask_sharedmem as sharedmem
+    >>> b = sharedmem.copy(np.arange(3))
+    >>> b
+    SharedArray([0, 1, 2])
+    """
+    a = np.asanyarray(a)
+    out = empty_like(a, order=order)
+    out[...] = a
+    return out
+
+
+def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
+    """Build a shared array from an iterable (see :func:`numpy.fromiter`).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.fromiter(range(3), dtype='i8')
+    SharedArray([0, 1, 2])
+    """
+    return copy(np.fromiter(iter, dtype, count))

@@ -1,0 +1,345 @@
+"""A group of forked workers for one session: start, dispatch, collect, notice
+death at once, stop, reap.
+
+Data flow (one session; ``mapreduce.py`` and ``scheduler.py`` each drive one
+per call)::
+
+     parent process                                    worker processes
+    +--------------------------------+   socketpair   +---------------------+
+    | Workers.send(rank, msg) -------+--------------->| main(chan, rank):   |
+    |                                |                |   msg = chan.recv() |
+    | Workers.poll() <- selectors <--+<---------------+-- chan.send(reply)  |
+    |   EOF on a socket => reap it,  |   + memfds     |                     |
+    |   raise WorkerDied(signal)     |                +---------------------+
+    +--------------------------------+
+
+* ``start`` forks ``n`` workers *now*: each finds the work (functions,
+  closures, sequences, graphs) in its own copy of the parent's memory, so
+  nothing about the work is pickled; only what ``send`` carries is.
+* Each worker owns one end of one socket; it closes the parent's ends of its
+  siblings' sockets, so when a worker dies -- signal, ``os._exit``, the OOM
+  killer -- its socket reads EOF in the parent at once.  The parent waits on
+  all sockets with ``selectors``: no polling loops, no sleeps, no timeouts.
+  It then ``waitpid``s the worker to name the signal or exit code.
+* Workers ignore SIGINT (Ctrl-C is the parent's decision), ask the kernel to
+  SIGKILL them if the parent dies (``PR_SET_PDEATHSIG``), and leave with
+  ``os._exit`` so that no atexit handler or inherited buffer runs twice.
+* ``close`` (normal end) closes the sockets: workers read EOF and exit 0.
+  ``kill`` (any error, KeyboardInterrupt included) SIGKILLs them.  Both reap
+  every worker before returning, so no zombie or orphan outlives a session.
+
+Exceptions raised in a worker travel as :func:`pack_exception` tuples and are
+rebuilt by :func:`unpack_exception` with the worker's traceback attached as
+``__cause__`` (as ``concurrent.futures`` does); an exception that cannot make
+the round trip through pickle is replaced by one that keeps its type name,
+message and traceback text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import selectors
+import signal
+import sys
+import traceback
+from typing import Any, Callable
+
+from . import channel
+
+__all__ = ["WorkerDied", "cpu_count", "total_memory"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended unexpectedly (a signal, ``os._exit``, the OOM killer).
+
+    Attributes
+    ----------
+    rank : int
+        The worker's number in its session.
+    pid : int
+        Its process id.
+    status : str
+        How it ended, e.g. ``"killed by SIGKILL"`` or ``"exited with code 3"``.
+    """
+
+    def __init__(self, rank: int, pid: int, status: str, doing: str = ""):
+        self.rank, self.pid, self.status, self.doing = rank, pid, status, doing
+        where = f" while running {doing}" if doing else ""
+        super().__init__(f"worker {rank} (pid {pid}) {status}{where}")
+
+
+def cpu_count() -> int:
+    """The default number of workers.
+
+    ``OMP_NUM_THREADS`` if set, else ``PBS_NUM_PPN``, else the number of CPUs
+    this process may run on (``os.sched_getaffinity``).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.cpu_count() >= 1
+    True
+    """
+    for var in ("OMP_NUM_THREADS", "PBS_NUM_PPN"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            try:
+                n = int(value.split(",")[0])
+            except ValueError:
+                continue
+            if n >= 1:
+                return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def total_memory() -> int:
+    """Total physical memory of this machine in bytes (``MemTotal`` of /proc/meminfo).
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> sharedmem.total_memory() > 0
+    True
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                words = line.split()
+                if words and words[0].upper() == "MEMTOTAL:":
+                    return int(words[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def describe_status(status: int) -> str:
+    """Say how a process ended, from a ``waitpid`` status.
+
+    >>> describe_status(9)
+    'was killed by SIGKILL (the out-of-memory killer sends this signal too)'
+    >>> describe_status(3 << 8)
+    'exited with code 3'
+    """
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        extra = " (the out-of-memory killer sends this signal too)" if sig == signal.SIGKILL else ""
+        return f"was killed by {name}{extra}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+# -- remote exceptions --------------------------------------------------------
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of its exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb.rstrip("\n") + '\n\n(the traceback above was raised in a worker process)'
+
+
+class LostException(Exception):
+    """Stands in for a worker's exception that could not be pickled."""
+
+
+def pack_exception(exc: BaseException) -> tuple:
+    """Turn the exception being handled into something that surely pickles."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)  # the parent must be able to rebuild it, too
+    except Exception:
+        blob = None
+    return (blob, name, str(exc), tb)
+
+
+def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
+    """Rebuild a packed exception; say whether its type survived."""
+    blob, name, message, tb = packed
+    exc = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    lost = exc is None
+    if lost:
+        exc = LostException(f"{name}: {message} (the exception could not be pickled; "
+                            "its type is lost, its message and traceback are kept)")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc, lost
+
+
+# -- the worker group ---------------------------------------------------------
+
+_libc = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    global _libc
+    if sys.platform.startswith("linux"):
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Workers:
+    """``n`` forked workers, each running ``main(channel, rank)``.
+
+    Use as a context manager: leaving normally closes and reaps the workers,
+    leaving with an exception (KeyboardInterrupt included) kills and reaps them.
+
+    >>> def main(chan, rank):
+    ...     while True:
+    ...         chan.send(chan.recv() * 2)
+    >>> with Workers(2, main) as w:
+    ...     w.send(0, 21)
+    ...     w.poll()
+    [(0, 42)]
+    """
+
+    def __init__(self, n: int, main: Callable[[channel.Channel, int], None],
+                 threshold: int | None = channel.DEFAULT_THRESHOLD):
+        self.n = n
+        self.main = main
+        self.threshold = threshold
+        self.pids: list[int] = []
+        self.channels: list[channel.Channel] = []
+        self._selector: selectors.BaseSelector | None = None
+        self._alive: set[int] = set()
+
+    def __enter__(self) -> Workers:
+        try:
+            self.start()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.kill()
+
+    def start(self) -> None:
+        parent = os.getpid()
+        for stream in (sys.stdout, sys.stderr):  # or the children print it again
+            try:
+                stream.flush()
+            except (AttributeError, ValueError):
+                pass
+        self._selector = selectors.DefaultSelector()
+        for rank in range(self.n):
+            mine, theirs = channel.pair(self.threshold)
+            try:
+                pid = os.fork()
+            except BaseException:
+                mine.close()
+                theirs.close()
+                raise
+            if pid == 0:  # pragma: no cover - runs in the child
+                mine.sock.close()
+                self._child(theirs, rank, parent)
+            theirs.close()
+            self.pids.append(pid)
+            self.channels.append(mine)
+            self._alive.add(rank)
+            self._selector.register(mine.sock, selectors.EVENT_READ, rank)
+
+    def _child(self, chan: channel.Channel, rank: int, parent: int) -> None:  # pragma: no cover
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _die_with_parent(parent)
+            for sibling in self.channels:
+                sibling.sock.close()
+            self.main(chan, rank)
+            code = 0
+        except EOFError:  # the parent closed our socket: the session is over
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            os._exit(code)
+
+    def send(self, rank: int, msg: Any) -> None:
+        """Send ``msg`` to worker ``rank``."""
+        try:
+            self.channels[rank].send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            self._reap(rank)  # raises WorkerDied
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
+        """Wait until some worker has sent something; return ``(rank, message)`` pairs.
+
+        Raises :class:`WorkerDied` as soon as a worker's socket reads EOF.
+        """
+        out = []
+        for key, _ in self._selector.select(timeout):
+            rank = key.data
+            try:
+                msgs = self.channels[rank].feed()
+            except (EOFError, ConnectionResetError):
+                self._reap(rank)
+            out.extend((rank, m) for m in msgs)
+        return out
+
+    def _reap(self, rank: int) -> None:
+        _, status = os.waitpid(self.pids[rank], 0)
+        self._alive.discard(rank)
+        self._selector.unregister(self.channels[rank].sock)
+        raise WorkerDied(rank, self.pids[rank], describe_status(status))
+
+    def close(self) -> None:
+        """End the session: workers read EOF and exit; reap them all."""
+        self._end(kill=False)
+
+    def kill(self) -> None:
+        """SIGKILL every worker and reap them all."""
+        self._end(kill=True)
+
+    def _end(self, kill: bool) -> None:
+        if kill:
+            for rank in self._alive:
+                try:
+                    os.kill(self.pids[rank], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for chan in self.channels:
+            chan.close()
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        for rank in sorted(self._alive):
+            while True:
+                try:
+                    os.waitpid(self.pids[rank], 0)
+                    break
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+        self._alive.clear()
+        self.channels = []
