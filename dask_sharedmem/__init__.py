@@ -30,6 +30,7 @@ from .mapreduce import (
     set_debug,
 )
 from .pool import WorkerDied, cpu_count, total_memory
+from .scheduler import get
 
 Pool = MapReduce
 TPool = MapReduceByThread
@@ -57,6 +58,7 @@ __all__ = [
     "fromiter",
     "full",
     "full_like",
+    "get",
     "ones",
     "ones_like",
     "zeros",

@@ -32,6 +32,8 @@ that results made in one worker can be mapped by the parent and by others.
 
 from __future__ import annotations
 
+import errno
+import math
 import mmap
 import operator
 import os
@@ -83,8 +85,11 @@ def _new_segment(nbytes: int) -> _Segment:
     try:
         os.ftruncate(fd, size)
         seg = _Segment(fd, size)
-    except BaseException:
+    except BaseException as e:
         os.close(fd)
+        if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+            # numpy.empty raises MemoryError here; callers catch that, not OSError
+            raise MemoryError(f"Unable to allocate {size} bytes of shared memory") from e
         raise
     return _register(seg, fd, os.urandom(12).hex())
 
@@ -167,6 +172,20 @@ class SharedArray(np.ndarray):
         obj = obj.view(np.ndarray)
         return obj[()] if return_scalar else obj
 
+    def copy(self, order: str = "C") -> SharedArray:
+        """A copy in new shared memory: a SharedArray is always shared.
+
+        (``numpy.ndarray.copy`` would give our type over private memory;
+        dask's ``from_array`` copies its input this way.)
+        """
+        return copy(self, order)
+
+    def __copy__(self) -> SharedArray:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict) -> SharedArray:
+        return self.copy()
+
     def __reduce_ex__(self, protocol):
         seg = _segment_of(self)
         if seg is None:  # a copy that numpy made with our type: plain data
@@ -212,7 +231,11 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
     shape = _normalize_shape(shape)
     if order not in ("C", "F"):
         raise ValueError(f"order must be 'C' or 'F', not {order!r}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # exact integers: np.prod wraps around, and the limit is on bytes, not items
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > np.iinfo(np.intp).max:
+        raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` "
+                         "is larger than the maximum possible size.")
     seg = _new_segment(nbytes)
     return np.ndarray.__new__(SharedArray, shape, dtype, buffer=seg, order=order)
 
@@ -224,9 +247,6 @@ def _normalize_shape(shape: Any) -> tuple[int, ...]:
     shape = tuple(operator.index(n) for n in shape)
     if any(n < 0 for n in shape):
         raise ValueError("negative dimensions are not allowed")
-    if int(np.prod([float(n) for n in shape])) > np.iinfo(np.intp).max:
-        raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` "
-                         "is larger than the maximum possible size.")
     return shape
 
 

@@ -1,0 +1,286 @@
+"""A dask scheduler on the fork worker pool: ``dask.compute(x, scheduler="sharedmem")``.
+
+The algorithm is dask's own (``dask.local``): the same state dict, the same
+``order`` priorities, the same ``finish_task``/``release_data`` bookkeeping
+and the same callbacks.  What differs is where tasks run and how data moves:
+
+* Workers are forked *inside* :func:`get`, after the graph exists, so every
+  task -- closures, lambdas, functions over unpicklable objects -- is found
+  in the workers' own memory.  The parent sends keys, never tasks.
+* A task's inputs travel from the parent's cache to the worker that runs it,
+  and its result travels back, through ``channel.py``: small values as
+  pickles, shared arrays and numpy arrays above the threshold (config
+  ``sharedmem.threshold``, 64 KiB) as handles to shared memory.  A chunk
+  of a shared input array is a view of that array and crosses for free.
+* The parent's cache holds those handles; ``finish_task`` drops each one as
+  soon as no remaining task needs it, and the segment's memory is returned
+  to the system when the last process lets go of it.  Everything is dropped
+  when ``get`` returns or fails.
+
+Dispatch::
+
+    parent                                         worker r
+    ------                                         --------
+    ready.pop() -> key; pretask callbacks
+    send [(n, key, {dep: cache[dep]}), ...] ---->  for n, key, data in batch:
+                                                       current[r] = n
+                                                       result = dsk[key](data)
+    cache[key] = result; finish_task;   <--------  send ("done", [(key, result)..])
+    posttask callbacks; dispatch more
+
+Each worker has up to two batches in flight, so it never waits for the
+parent between tasks; a batch holds one task until the measured task time
+says that several fit in ``_BATCH_SECONDS`` (tiny tasks), and never more
+than a fair share of the ready tasks.  A worker's death is seen at once
+(EOF on its socket); the shared ``current`` array names the task it was
+running.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import dask
+from dask._task_spec import convert_legacy_graph
+from dask.callbacks import local_callbacks, unpack_callbacks
+from dask.core import flatten
+from dask.local import finish_task, nested_get, start_state_from_dask
+from dask.order import order
+
+from . import channel, memory
+from .pool import (
+    WorkerDied,
+    Workers,
+    cpu_count,
+    pack_exception,
+    unpack_exception,
+)
+
+__all__ = ["get"]
+
+_BATCH_SECONDS = 0.005
+
+dask.config.update_defaults({"sharedmem": {"num-workers": None,
+                                           "threshold": channel.DEFAULT_THRESHOLD}})
+
+
+def _num_workers(num_workers: Any) -> int:
+    n = num_workers
+    if n is None:
+        n = dask.config.get("num_workers", None)
+    if n is None:
+        n = dask.config.get("sharedmem.num-workers", None)
+    if n is None:
+        return cpu_count()
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"num_workers must be a positive int or None, not {n!r}")
+    if n < 1:
+        raise ValueError(f"num_workers must be at least 1, not {n}")
+    return n
+
+
+def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
+        callbacks: Any = None, threshold: int | None = None, cache: dict | None = None,
+        **kwargs: Any) -> Any:
+    """Compute ``keys`` of the dask graph ``dsk`` on forked worker processes.
+
+    Parameters
+    ----------
+    dsk : Mapping, HighLevelGraph, or object with ``__dask_graph__``
+        The graph.
+    keys : key or (nested) list of keys
+        What to compute; lists in ``keys`` become tuples in the result, as
+        with dask's other schedulers.
+    num_workers : int, optional
+        Number of worker processes.  Default: dask config ``num_workers``,
+        then ``sharedmem.num-workers``, then :func:`cpu_count`.
+    callbacks : tuple or list of tuples, optional
+        dask callbacks, as for ``dask.local.get_async``; those registered with
+        ``dask.callbacks.Callback`` (ProgressBar, Profiler) are used too.
+    threshold : int, optional
+        numpy arrays of at least this many bytes travel between processes in
+        shared memory.  Default: config ``sharedmem.threshold`` (64 KiB).
+    cache : dict, optional
+        Precomputed values of keys, as for dask's local schedulers.
+    **kwargs
+        Ignored (dask passes scheduler options of other schedulers).
+
+    Returns
+    -------
+    The values of ``keys``.
+
+    Raises
+    ------
+    Exception
+        A task's own exception, of its own type, with the worker's traceback
+        as its ``__cause__``.
+    WorkerDied
+        A worker ended unexpectedly (signal, ``os._exit``, the OOM killer);
+        the message names the task and the signal.
+
+    Examples
+    --------
+    >>> import dask, dask.array as da, dask_sharedmem
+    >>> x = da.arange(10, chunks=5)
+    >>> int(x.sum().compute(scheduler=dask_sharedmem.get))
+    45
+    >>> int(x.sum().compute(scheduler="sharedmem"))
+    45
+    """
+    nworkers = _num_workers(num_workers)
+    if threshold is None:
+        threshold = dask.config.get("sharedmem.threshold", channel.DEFAULT_THRESHOLD)
+    if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
+        dsk = dsk.__dask_graph__()
+    dsk = convert_legacy_graph(dsk)
+    wanted = set(flatten(keys)) if isinstance(keys, list) else {keys}
+    if cache is None:
+        cache = {}
+    missing = [k for k in wanted if k not in dsk and k not in cache]
+    if missing:
+        raise KeyError(f"keys not in the graph: {missing[:10]!r}")
+
+    with local_callbacks(callbacks) as cbs:
+        start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
+        state: dict = {}
+        started = []
+        succeeded = False
+        try:
+            keyorder = order(dsk)
+            state = start_state_from_dask(dsk, cache=cache, keys=wanted, sortkey=keyorder.get)
+            if state["waiting"] and not state["ready"]:
+                raise ValueError("Found no accessible jobs in dask")
+            ntasks = len(state["ready"]) + len(state["waiting"])
+            if ntasks:
+                _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
+                     start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, started)
+            else:
+                for f in start_cbs:
+                    f(dsk)
+                    started.append(f)
+            succeeded = True
+        finally:
+            if started:
+                for f in finish_cbs:
+                    f(dsk, state, not succeeded)
+    try:
+        return nested_get(keys, state["cache"])
+    finally:
+        state.clear()
+
+
+def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
+         threshold: int | None, start_cbs: list, start_state_cbs: list,
+         pretask_cbs: list, posttask_cbs: list, started: list) -> None:
+    cache = state["cache"]
+    ready = state["ready"]
+    running = state["running"]
+    current = memory.empty(nworkers, dtype="i8")  # the task number each worker runs
+    inflight: list[deque] = [deque() for _ in range(nworkers)]  # batches of task numbers
+    numbered: dict[int, Any] = {}  # task number -> key, while in flight
+    counter = 0
+    per_task: float | None = None
+
+    def worker_main(chan: channel.Channel, rank: int) -> None:
+        while True:
+            batch = chan.recv()
+            t0 = time.perf_counter()
+            out = []
+            for number, key, data in batch:
+                current[rank] = number
+                try:
+                    out.append((key, dsk[key](data)))
+                except BaseException as e:
+                    chan.send(("error", key, pack_exception(e)))
+                    return
+            _send_results(chan, out, time.perf_counter() - t0)
+            del batch, out, data
+
+    def dispatch(rank: int) -> None:
+        nonlocal counter
+        if not ready:
+            return
+        size = 1
+        if per_task is not None and per_task < _BATCH_SECONDS:
+            size = max(1, min(len(ready) // (2 * nworkers), int(_BATCH_SECONDS / max(per_task, 1e-7))))
+        batch = []
+        numbers = []
+        for _ in range(min(size, len(ready))):
+            key = ready.pop()
+            running.add(key)
+            for f in pretask_cbs:
+                f(key, dsk, state)
+            deps = state["dependencies"][key]
+            batch.append((counter, key, {d: cache[d] for d in deps}))
+            numbered[counter] = key
+            numbers.append(counter)
+            counter += 1
+        inflight[rank].append(numbers)
+        w.send(rank, batch)
+
+    with Workers(nworkers, worker_main, threshold) as w:
+        for f in start_cbs:  # after the fork: callbacks may start threads
+            f(dsk)
+            started.append(f)
+        for f in start_state_cbs:
+            f(dsk, state)
+        for _ in range(2):
+            for rank in range(nworkers):
+                dispatch(rank)
+        while state["waiting"] or ready or running:
+            try:
+                events = w.poll()
+            except WorkerDied as e:
+                key = numbered.get(int(current[e.rank]))
+                e.doing = f"task {key!r}"
+                e.args = (f"{e} while running task {key!r}",)
+                raise
+            for rank, msg in events:
+                if msg[0] == "error":
+                    exc, _lost = unpack_exception(msg[2])
+                    if _lost:
+                        exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
+                    raise exc
+                _, out, seconds = msg
+                for number in inflight[rank].popleft():
+                    del numbered[number]
+                per_task = seconds / max(len(out), 1)
+                for key, res in out:
+                    cache[key] = res
+                    finish_task(dsk, key, state, wanted, keyorder.get)
+                    for f in posttask_cbs:
+                        f(key, res, dsk, state, rank)
+                    del res
+                del out
+                for other in range(nworkers):
+                    while len(inflight[other]) < 2 and ready:
+                        dispatch(other)
+
+
+def _send_results(chan: channel.Channel, out: list, seconds: float) -> None:
+    """Send a batch's results; name the task whose result cannot be pickled."""
+    try:
+        chan.send(("done", out, seconds))
+    except Exception:
+        for key, res in out:
+            try:
+                channel.dumps(res)
+            except Exception as e:
+                err = TypeError(f"the result of task {key!r} (of type "
+                                f"{type(res).__module__}.{type(res).__qualname__}) cannot "
+                                f"be pickled to send it to the parent: {e}")
+                chan.send(("error", key, pack_exception(err)))
+                return
+        raise
+
+
+def _register() -> None:
+    from dask.base import named_schedulers
+
+    named_schedulers.setdefault("sharedmem", get)
+
+
+_register()
