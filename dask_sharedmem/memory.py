@@ -38,6 +38,7 @@ import mmap
 import operator
 import os
 import pickle
+import resource
 import weakref
 from typing import Any, Iterable
 
@@ -81,7 +82,12 @@ def _register(seg: _Segment, fd: int, token: str) -> _Segment:
 def _new_segment(nbytes: int) -> _Segment:
     """Allocate a zero-filled segment of at least ``nbytes`` (>= 1) bytes."""
     size = max(int(nbytes), 1)  # mmap refuses length 0; zero-size arrays need a home too
-    fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EMFILE or not _raise_fd_limit():
+            raise
+        fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
         seg = _Segment(fd, size)
@@ -92,6 +98,20 @@ def _new_segment(nbytes: int) -> _Segment:
             raise MemoryError(f"Unable to allocate {size} bytes of shared memory") from e
         raise
     return _register(seg, fd, os.urandom(12).hex())
+
+
+def _raise_fd_limit() -> bool:
+    """Lift the soft limit on open files to the hard one; say if it rose.
+
+    Each live segment holds two descriptors (ours and the one ``mmap``
+    keeps), so thousands of live arrays need more than the usual soft limit
+    of 1024.  Raising the soft limit up to the hard one needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return True
 
 
 def _adopt_segment(fd: int, size: int, token: str) -> _Segment:
@@ -172,6 +192,11 @@ class SharedArray(np.ndarray):
         obj = obj.view(np.ndarray)
         return obj[()] if return_scalar else obj
 
+    def __array_function__(self, func, types, args, kwargs):
+        # numpy functions other than ufuncs (dot, sort, concatenate, ...) would
+        # give our type to results in private memory: only views stay shared
+        return _plain_unless_shared(super().__array_function__(func, types, args, kwargs))
+
     def copy(self, order: str = "C") -> SharedArray:
         """A copy in new shared memory: a SharedArray is always shared.
 
@@ -195,6 +220,14 @@ class SharedArray(np.ndarray):
 
     def __reduce__(self):
         return self.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+def _plain_unless_shared(obj: Any) -> Any:
+    if isinstance(obj, SharedArray):
+        return obj if _segment_of(obj) is not None else obj.view(np.ndarray)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_plain_unless_shared(o) for o in obj)
+    return obj
 
 
 def _check_dtype(dtype: np.dtype) -> np.dtype:
@@ -229,8 +262,9 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
     """
     dtype = _check_dtype(np.dtype(dtype))
     shape = _normalize_shape(shape)
+    order = "C" if order is None else str(order).upper()  # numpy takes 'c', 'f' and None
     if order not in ("C", "F"):
-        raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+        raise ValueError(f"order must be one of 'C', 'F' (numpy.empty's choices), not {order!r}")
     # exact integers: np.prod wraps around, and the limit is on bytes, not items
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > np.iinfo(np.intp).max:

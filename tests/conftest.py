@@ -1,0 +1,109 @@
+"""Shared fixtures: the leak check every pool, MapReduce and scheduler test uses.
+
+``no_leaks`` compares what this process owns before and after a test:
+
+* its child processes (running or zombie): every worker must be reaped;
+* its open file descriptors: sockets, memfds, epoll objects must be closed;
+* its live shared-memory segments (``memory._SEGMENTS``, after a garbage
+  collection): shared memory must be freed once nothing refers to it.
+
+Use it with ``pytestmark = pytest.mark.usefixtures("no_leaks")``.  A test
+that already failed (or xfailed) is not checked: pytest keeps its traceback,
+so its frames and their arrays, alive.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from dask_sharedmem import memory
+
+
+def children(pid: int | None = None) -> dict[int, str]:
+    """The child processes of ``pid`` (default: this process) -> their state letter.
+
+    Zombies (state ``Z``) count: a child that exited but was not reaped is a leak.
+    """
+    pid = os.getpid() if pid is None else pid
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:  # it ended while we looked
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name may hold spaces
+        if int(ppid) == pid:
+            out[int(name)] = state
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not ended (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors -> what they point to."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used
+            continue
+    return out
+
+
+def live_segments() -> int:
+    gc.collect()
+    return len(memory._SEGMENTS)
+
+
+def snapshot() -> dict:
+    segments = live_segments()
+    return {"children": children(), "fds": open_fds(), "segments": segments}
+
+
+def leaks(before: dict, after: dict) -> list[str]:
+    """Describe what ``after`` holds that ``before`` did not."""
+    problems = []
+    new_children = {p: s for p, s in after["children"].items() if p not in before["children"]}
+    if new_children:
+        problems.append(f"child processes left behind (pid: state): {new_children}")
+    new_fds = {fd: t for fd, t in after["fds"].items() if before["fds"].get(fd) != t}
+    if len(after["fds"]) > len(before["fds"]):
+        problems.append(f"open file descriptors grew from {len(before['fds'])} to "
+                        f"{len(after['fds'])}; new: {new_fds}")
+    if after["segments"] > before["segments"]:
+        problems.append(f"live shared segments grew from {before['segments']} "
+                        f"to {after['segments']}")
+    return problems
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item._call_failed = not report.passed  # an xfail too: its traceback is kept
+
+
+@pytest.fixture
+def no_leaks(request):
+    """Fail the test if it leaves child processes, file descriptors or shared memory behind."""
+    before = snapshot()
+    yield before
+    if getattr(request.node, "_call_failed", False):
+        return
+    problems = leaks(before, snapshot())
+    assert not problems, "\n".join(problems)
