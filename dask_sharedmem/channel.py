@@ -27,6 +27,7 @@ workers use the blocking :meth:`Channel.recv`.  End of file raises
 from __future__ import annotations
 
 import array
+import errno
 import io
 import os
 import pickle
@@ -125,13 +126,19 @@ class Channel:
 
     # -- receiving ---------------------------------------------------------
     def _read(self) -> None:
-        data, anc, _flags, _addr = self.sock.recvmsg(
+        data, anc, flags, _addr = self.sock.recvmsg(
             _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            # the kernel dropped descriptors it could not install: the segment
+            # table would pair the next ones with the wrong segments (or none)
+            raise OSError(errno.EMFILE, "shared memory sent to this process was lost: too "
+                          "many open files. Raise the limit (ulimit -n) or keep fewer "
+                          "shared arrays alive at once")
         if not data:
             raise EOFError("the other end of the channel closed")
         self._buf += data

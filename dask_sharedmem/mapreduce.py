@@ -175,13 +175,15 @@ class _Critical:
         self._fd: int | None = None
         self._lock = threading.RLock()
 
-    def _open(self) -> None:
-        self._fd = os.memfd_create("dask_sharedmem-critical", os.MFD_CLOEXEC)
+    def _open(self) -> int | None:
+        # returns the lock it replaces: a map of this same pool nested in one
+        # of its workers must hand that worker its own lock back when it ends
+        outer, self._fd = self._fd, os.memfd_create("dask_sharedmem-critical", os.MFD_CLOEXEC)
+        return outer
 
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def _close(self, outer: int | None) -> None:
+        os.close(self._fd)
+        self._fd = outer
 
     def __enter__(self) -> _Critical:
         self._lock.acquire()
@@ -540,7 +542,7 @@ class MapReduce:
             if rank is not None:
                 w.send(rank, "go")
 
-        self.critical._open()
+        outer_critical = self.critical._open()
         errored = True
         try:
             with Workers(nworkers, worker_main) as w:
@@ -588,7 +590,7 @@ class MapReduce:
                             raise WorkerException(exc, exc.__cause__.tb)
             errored = False
         finally:
-            self.critical._close()
+            self.critical._close(outer_critical)
             if progress:
                 progress.end(errored)
         if stopped:
@@ -618,8 +620,10 @@ class MapReduce:
                 if i is None:
                     return
                 tls.item, tls.entered = i, False
+                in_reduce = False
                 try:
                     r = call(sequence[i])
+                    in_reduce = True
                     with lock:
                         if progress:
                             progress.done(i, r, rank)
@@ -629,7 +633,7 @@ class MapReduce:
                     stopped.set()
                 except BaseException as e:
                     with lock:
-                        failure.append(e)
+                        failure.append((e, in_reduce))
                 finally:
                     if not tls.entered:
                         turns.mark(i, i + 1)
@@ -650,7 +654,9 @@ class MapReduce:
             if progress:
                 progress.end(bool(failure))
         if failure:
-            e = failure[0]
+            e, in_reduce = failure[0]
+            if in_reduce:  # reduce is the caller's own code: raised as itself, as with processes
+                raise e
             raise WorkerException(e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
         if stopped.is_set():
             return [r for r, done in zip(results, completed) if done]

@@ -42,11 +42,12 @@ import os
 import pickle
 import selectors
 import signal
+import socket
 import sys
 import traceback
 from typing import Any, Callable
 
-from . import channel
+from . import channel, memory
 
 __all__ = ["WorkerDied", "cpu_count", "total_memory"]
 
@@ -240,6 +241,9 @@ class Workers:
 
     def start(self) -> None:
         parent = os.getpid()
+        # every shared result that arrives holds descriptors; a refusal to take
+        # one in recvmsg cannot be recovered, so lift the soft limit up front
+        memory._raise_fd_limit()
         for stream in (sys.stdout, sys.stderr):  # or the children print it again
             try:
                 stream.flush()
@@ -248,25 +252,35 @@ class Workers:
         self._selector = selectors.DefaultSelector()
         for rank in range(self.n):
             mine, theirs = channel.pair(self.threshold)
+            # SIGINT waits until the child ignores it and the parent has recorded
+            # the child: else a Ctrl-C here raises KeyboardInterrupt in the child's
+            # copy of our stack (which then runs the parent's code), or leaves a
+            # child that kill() does not know about
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                pid = os.fork()
-            except BaseException:
-                mine.close()
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    mine.close()
+                    theirs.close()
+                    raise
+                if pid == 0:  # pragma: no cover - runs in the child
+                    mine.sock.close()
+                    self._child(theirs, rank, parent, mask)
                 theirs.close()
-                raise
-            if pid == 0:  # pragma: no cover - runs in the child
-                mine.sock.close()
-                self._child(theirs, rank, parent)
-            theirs.close()
-            self.pids.append(pid)
-            self.channels.append(mine)
-            self._alive.add(rank)
-            self._selector.register(mine.sock, selectors.EVENT_READ, rank)
+                self.pids.append(pid)
+                self.channels.append(mine)
+                self._alive.add(rank)
+                self._selector.register(mine.sock, selectors.EVENT_READ, rank)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    def _child(self, chan: channel.Channel, rank: int, parent: int) -> None:  # pragma: no cover
+    def _child(self, chan: channel.Channel, rank: int, parent: int,
+               mask: set) -> None:  # pragma: no cover
         code = 1
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _die_with_parent(parent)
             for sibling in self.channels:
                 sibling.sock.close()
@@ -285,11 +299,17 @@ class Workers:
             os._exit(code)
 
     def send(self, rank: int, msg: Any) -> None:
-        """Send ``msg`` to worker ``rank``."""
+        """Send ``msg`` to worker ``rank``.
+
+        If that worker has died the message is dropped: :meth:`poll` reports
+        the death, since the worker's socket reads EOF.
+        """
         try:
             self.channels[rank].send(msg)
         except (BrokenPipeError, ConnectionResetError):
-            self._reap(rank)  # raises WorkerDied
+            # raising WorkerDied here would bypass the callers' handling of
+            # deaths around poll(), which names the item the worker was on
+            pass
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Wait until some worker has sent something; return ``(rank, message)`` pairs.
@@ -328,6 +348,13 @@ class Workers:
                 except ProcessLookupError:
                     pass
         for chan in self.channels:
+            # close() alone does not give the worker EOF if a process forked
+            # during the session (e.g. ResourceProfiler's tracker, started by a
+            # callback) holds a copy of our end; shutdown acts on the socket itself
+            try:
+                chan.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             chan.close()
         if self._selector is not None:
             self._selector.close()

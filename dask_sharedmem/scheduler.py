@@ -62,6 +62,7 @@ from .pool import (
 __all__ = ["get"]
 
 _BATCH_SECONDS = 0.005
+_CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None,
                                            "threshold": channel.DEFAULT_THRESHOLD}})
@@ -178,48 +179,97 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
+    waiting = state["waiting"]
+    dependents = state["dependents"]
     current = memory.empty(nworkers, dtype="i8")  # the task number each worker runs
     inflight: list[deque] = [deque() for _ in range(nworkers)]  # batches of task numbers
     numbered: dict[int, Any] = {}  # task number -> key, while in flight
     counter = 0
     per_task: float | None = None
+    # values in the cache before the fork (the graph's data, precomputed keys)
+    # are in every worker's own memory: sending them would copy large arrays
+    # into new shared memory for every task that reads them
+    forked = frozenset(cache)
+    dependencies = state["dependencies"]
 
     def worker_main(chan: channel.Channel, rank: int) -> None:
         while True:
             batch = chan.recv()
             t0 = time.perf_counter()
             out = []
-            for number, key, data in batch:
+            res = None
+            for number, key, data, chained, keep in batch:
                 current[rank] = number
+                if chained is not None:  # the previous task's result is this one's input
+                    data[chained] = res
+                if forked:
+                    data.update((d, cache[d]) for d in dependencies[key] if d in forked)
                 try:
-                    out.append((key, dsk[key](data)))
+                    res = dsk[key](data)
                 except BaseException as e:
                     chan.send(("error", key, pack_exception(e)))
                     return
+                out.append((key, res if keep else None))
             _send_results(chan, out, time.perf_counter() - t0)
-            del batch, out, data
+            del batch, out, data, res
+
+    def start(key: Any) -> None:
+        running.add(key)
+        for f in pretask_cbs:
+            f(key, dsk, state)
+
+    def follow(key: Any) -> Any:
+        """The task that can run right after ``key`` on the same worker, if any.
+
+        That is ``key``'s only dependent when it waits for nothing else:
+        running it in the same batch saves a round trip through the parent
+        and keeps ``key``'s result in the worker.
+        """
+        after = dependents[key]
+        if len(after) != 1 or key in wanted:
+            return None
+        (nxt,) = after
+        return nxt if waiting.get(nxt) == {key} else None
 
     def dispatch(rank: int) -> None:
         nonlocal counter
-        if not ready:
-            return
         size = 1
         if per_task is not None and per_task < _BATCH_SECONDS:
-            size = max(1, min(len(ready) // (2 * nworkers), int(_BATCH_SECONDS / max(per_task, 1e-7))))
-        batch = []
+            size = max(1, min(len(ready) // (2 * nworkers),
+                              int(_BATCH_SECONDS / max(per_task, 1e-7))))
+        batch: list = []
         numbers = []
-        for _ in range(min(size, len(ready))):
+        while ready and len(batch) < size:
             key = ready.pop()
-            running.add(key)
-            for f in pretask_cbs:
-                f(key, dsk, state)
-            deps = state["dependencies"][key]
-            batch.append((counter, key, {d: cache[d] for d in deps}))
-            numbered[counter] = key
-            numbers.append(counter)
-            counter += 1
-        inflight[rank].append(numbers)
-        w.send(rank, batch)
+            start(key)
+            chained = None
+            while True:
+                deps = state["dependencies"][key]
+                data = {d: cache[d] for d in deps if d != chained and d not in forked}
+                nxt = follow(key) if len(batch) < _CHAIN_MAX else None
+                batch.append((counter, key, data, chained, nxt is None))
+                numbered[counter] = key
+                numbers.append(counter)
+                counter += 1
+                if nxt is None:
+                    break
+                chained, key = key, nxt
+        if batch:
+            inflight[rank].append(numbers)
+            w.send(rank, batch)
+
+    def finish(key: Any, res: Any, rank: int) -> None:
+        if key not in running:  # a chained task: its input was made in the worker
+            # finish_task of its input just made it ready, appending it last
+            if ready[-1] == key:
+                ready.pop()
+            else:
+                ready.remove(key)
+            start(key)
+        cache[key] = res
+        finish_task(dsk, key, state, wanted, keyorder.get)
+        for f in posttask_cbs:
+            f(key, res, dsk, state, rank)
 
     with Workers(nworkers, worker_main, threshold) as w:
         for f in start_cbs:  # after the fork: callbacks may start threads
@@ -230,7 +280,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         for _ in range(2):
             for rank in range(nworkers):
                 dispatch(rank)
-        while state["waiting"] or ready or running:
+        while waiting or ready or running:
             try:
                 events = w.poll()
             except WorkerDied as e:
@@ -240,8 +290,8 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 raise
             for rank, msg in events:
                 if msg[0] == "error":
-                    exc, _lost = unpack_exception(msg[2])
-                    if _lost:
+                    exc, lost = unpack_exception(msg[2])
+                    if lost:
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
                 _, out, seconds = msg
@@ -249,12 +299,8 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
                 for key, res in out:
-                    cache[key] = res
-                    finish_task(dsk, key, state, wanted, keyorder.get)
-                    for f in posttask_cbs:
-                        f(key, res, dsk, state, rank)
-                    del res
-                del out
+                    finish(key, res, rank)
+                del out, key, res
                 for other in range(nworkers):
                     while len(inflight[other]) < 2 and ready:
                         dispatch(other)

@@ -1,0 +1,384 @@
+"""pool.py (Workers) and channel.py, with real processes and signals.
+
+Every worker here is a real forked process; every death is a real signal or
+``os._exit``.  Each test runs under a timeout (an error must arrive, never a
+hang) and under the ``no_leaks`` check (no child, descriptor or segment left).
+"""
+
+import contextlib
+import errno
+import faulthandler
+import os
+import pickle
+import resource
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dask_sharedmem as sharedmem
+from dask_sharedmem import channel, memory
+from dask_sharedmem.pool import (
+    LostException,
+    RemoteTraceback,
+    WorkerDied,
+    Workers,
+    describe_status,
+    pack_exception,
+    unpack_exception,
+)
+
+from conftest import children, running
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+
+def echo(chan, rank):
+    while True:
+        msg = chan.recv()
+        chan.send((rank, os.getpid(), msg))
+
+
+def poll_all(w, count):
+    """Poll until ``count`` messages have arrived; return them by rank."""
+    got = {}
+    while len(got) < count:
+        for rank, msg in w.poll():
+            got[rank] = msg
+    return got
+
+
+def wait_exited(pid):
+    """Block until ``pid`` has ended, without reaping it (that is the pool's job)."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+# -- Workers -------------------------------------------------------------------
+
+def test_echo():
+    parent = os.getpid()
+    with Workers(3, echo) as w:
+        assert len(w.pids) == 3 and len(set(w.pids)) == 3
+        assert set(w.pids) <= set(children())
+        for rank in range(3):
+            w.send(rank, {"n": rank, "data": [rank] * 3})
+        got = poll_all(w, 3)
+        pids = list(w.pids)
+    for rank in range(3):
+        r, pid, msg = got[rank]
+        assert r == rank and pid == pids[rank] != parent
+        assert msg == {"n": rank, "data": [rank] * 3}
+    assert not set(pids) & set(children())
+
+
+def test_workers_see_the_parents_memory_without_pickling():
+    lock = threading.Lock()  # cannot be pickled, yet the workers have it
+    table = {"secret": 41}
+
+    def main(chan, rank):
+        chan.recv()
+        chan.send((table["secret"] + 1, type(lock).__name__))
+
+    with Workers(1, main) as w:
+        w.send(0, "go")
+        assert poll_all(w, 1)[0] == (42, "lock")
+
+
+def test_many_messages_both_ways():
+    with Workers(2, echo) as w:
+        for k in range(500):
+            w.send(k % 2, k)
+        got = []
+        while len(got) < 500:
+            got.extend(msg for _, msg in w.poll())
+    assert sorted(m[2] for m in got) == list(range(500))
+
+
+def test_main_returning_ends_the_worker_cleanly():
+    def main(chan, rank):
+        chan.send("bye")
+
+    with Workers(1, main) as w:
+        assert poll_all(w, 1) == {0: "bye"}
+        wait_exited(w.pids[0])
+        with pytest.raises(WorkerDied, match="exited with code 0"):
+            w.poll()
+
+
+@pytest.mark.parametrize("how, status", [
+    ("SIGKILL", "was killed by SIGKILL"),
+    ("SIGSEGV", "was killed by SIGSEGV"),
+    ("exit3", "exited with code 3"),
+    ("raise", "exited with code 1"),
+])
+def test_worker_death_is_reported_by_poll_at_once(how, status):
+    def main(chan, rank):
+        chan.recv()
+        if rank == 1:
+            if how == "exit3":
+                os._exit(3)
+            if how == "raise":
+                raise RuntimeError("boom")
+            faulthandler.disable()  # its report of the SIGSEGV is noise here
+            os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(600)  # rank 0 never answers: only the death can end poll
+
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerDied) as info:
+        with Workers(2, main) as w:
+            pids = list(w.pids)
+            w.send(0, "go")
+            w.send(1, "go")
+            while True:
+                w.poll()
+    print(f"\ntime to WorkerDied ({how}): {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    e = info.value
+    assert e.rank == 1 and e.pid == pids[1]
+    assert status in e.status and status in str(e)
+    assert not set(pids) & set(children())  # the sleeping sibling was killed and reaped
+
+
+def test_send_to_a_dead_worker_leaves_the_report_to_poll():
+    def main(chan, rank):
+        os._exit(5)
+
+    with Workers(1, main) as w:
+        wait_exited(w.pids[0])
+        w.send(0, "x" * 1_000_000)  # more than the socket holds: would block if it waited
+        with pytest.raises(WorkerDied, match="exited with code 5"):
+            w.poll()
+
+
+def sigint_workers_and_echo(w):
+    for pid in w.pids:
+        os.kill(pid, signal.SIGINT)
+    for rank in range(w.n):
+        w.send(rank, "still there?")
+    got = poll_all(w, w.n)
+    assert [got[r][2] for r in range(w.n)] == ["still there?"] * w.n
+
+
+def test_workers_ignore_sigint():
+    with Workers(3, echo) as w:
+        time.sleep(0.05)  # let them settle in main
+        sigint_workers_and_echo(w)
+
+
+def test_sigint_right_after_the_fork_is_ignored(monkeypatch):
+    """Ctrl-C reaches the whole process group, freshly forked workers included."""
+    fork = os.fork
+
+    def slow_fork():
+        pid = fork()
+        if pid == 0:  # widen the gap between fork and the worker's own set-up
+            time.sleep(0.05)
+        return pid
+
+    monkeypatch.setattr(os, "fork", slow_fork)
+    with Workers(3, echo) as w:
+        sigint_workers_and_echo(w)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_leaving_with_an_error_kills_busy_workers(error):
+    def main(chan, rank):
+        chan.send(os.getpid())
+        time.sleep(600)  # never reads EOF: only SIGKILL ends it
+
+    with pytest.raises(error):
+        with Workers(2, main) as w:
+            pids = [msg for _, msg in sorted(poll_all(w, 2).items())]
+            raise error()
+    assert pids == w.pids
+    assert not set(pids) & set(children())
+
+
+def test_close_reaps_idle_workers():
+    w = Workers(2, echo)
+    w.start()
+    pids = list(w.pids)
+    w.close()
+    assert not set(pids) & set(children())
+    w.close()  # a second close is harmless
+
+
+def test_worker_dies_with_its_parent():
+    """PR_SET_PDEATHSIG: a worker's worker dies when the worker is SIGKILLed."""
+    def inner(chan, rank):
+        chan.recv()
+
+    def outer(chan, rank):
+        w = Workers(1, inner)
+        w.start()
+        chan.send(w.pids[0])
+        time.sleep(600)
+
+    with pytest.raises(WorkerDied, match="SIGKILL"):
+        with Workers(1, outer) as w:
+            grandchild = poll_all(w, 1)[0]
+            assert os.path.exists(f"/proc/{grandchild}")
+            os.kill(w.pids[0], signal.SIGKILL)
+            while True:
+                w.poll()
+    deadline = time.monotonic() + 5
+    while running(grandchild):
+        assert time.monotonic() < deadline, f"pid {grandchild} outlived its parent"
+        time.sleep(0.01)
+
+
+def test_describe_status():
+    assert describe_status(signal.SIGSEGV) == "was killed by SIGSEGV"
+    assert describe_status(7 << 8) == "exited with code 7"
+    assert "out-of-memory" in describe_status(signal.SIGKILL)
+
+
+# -- remote exceptions ----------------------------------------------------------
+
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+class TwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def packed(exc):
+    try:
+        raise exc
+    except BaseException as e:
+        return pack_exception(e)
+
+
+def test_exception_round_trip_keeps_type_and_traceback():
+    exc, lost = unpack_exception(pickle.loads(pickle.dumps(packed(KeyError("k")))))
+    assert not lost and type(exc) is KeyError and exc.args == ("k",)
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "in packed" in exc.__cause__.tb and "KeyError" in exc.__cause__.tb
+    assert "worker process" in str(exc.__cause__)
+
+
+@pytest.mark.parametrize("exc, text", [
+    (Unpicklable("cannot pickle me"), "Unpicklable: cannot pickle me"),
+    (TwoArgs(1, 2), "TwoArgs: 1 and 2"),
+])
+def test_unpicklable_exception_keeps_name_message_traceback(exc, text):
+    exc, lost = unpack_exception(pickle.loads(pickle.dumps(packed(exc))))
+    assert lost and isinstance(exc, LostException)
+    assert text in str(exc)
+    assert "in packed" in exc.__cause__.tb
+
+
+# -- channel --------------------------------------------------------------------
+
+def test_channel_pair_round_trip():
+    a, b = channel.pair()
+    try:
+        for obj in [None, 1, "two", [3.0, {"four": (5,)}], np.arange(10), b"x" * 100_000]:
+            a.send(obj)
+            got = b.recv()
+            if isinstance(obj, np.ndarray):
+                np.testing.assert_array_equal(got, obj)
+            else:
+                assert got == obj
+    finally:
+        a.close()
+        b.close()
+
+
+def test_large_array_travels_as_a_handle_not_in_the_pickle():
+    big = np.arange(1_000_000, dtype="f8")  # 8 MB
+    body, segments = channel.dumps(big)
+    assert len(body) < 1000 and len(segments) == 1
+    small = np.arange(100)
+    body, segments = channel.dumps(small)
+    assert segments == [] and len(body) > small.nbytes  # below the threshold: by value
+    body, segments = channel.dumps(big, threshold=None)
+    assert segments == [] and len(body) > big.nbytes
+    shared = sharedmem.copy(small)
+    body, segments = channel.dumps({"a": shared, "b": shared[2:5]})
+    assert len(segments) == 2 and segments[0] is segments[1]  # one segment, sent once
+    assert len(body) < 1000
+
+
+def test_large_array_crosses_processes_in_shared_memory():
+    big = np.arange(2_000_000, dtype="f8")
+
+    def main(chan, rank):
+        a = chan.recv()
+        assert memory._segment_of(a) is not None  # a view of shared memory, not a copy
+        chan.send((float(a.sum()), a * 2))
+
+    with Workers(1, main) as w:
+        w.send(0, big)
+        total, doubled = poll_all(w, 1)[0]
+    assert total == float(big.sum())
+    assert memory._segment_of(doubled) is not None  # came back by file descriptor
+    np.testing.assert_array_equal(doubled, big * 2)
+
+
+def test_arrays_made_after_the_fork_are_shared_both_ways():
+    def main(chan, rank):
+        while True:
+            a = chan.recv()
+            a += 1  # writes into the parent's memory
+            chan.send("ok")
+
+    with Workers(1, main) as w:
+        late = sharedmem.zeros(10_000)  # the worker has never seen this segment
+        w.send(0, late[::2])
+        assert poll_all(w, 1) == {0: "ok"}
+        w.send(0, late[::2])
+        assert poll_all(w, 1) == {0: "ok"}
+    np.testing.assert_array_equal(late[::2], 2)
+    np.testing.assert_array_equal(late[1::2], 0)
+
+
+def test_descriptors_the_kernel_drops_are_an_error_not_a_mismatch():
+    """recvmsg drops the descriptors it cannot install (EMFILE): say so, at once."""
+    def main(chan, rank):
+        chan.recv()
+        chan.send([sharedmem.zeros(10) for _ in range(5)])
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with Workers(1, main) as w:
+        dummies = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 5, hard))
+        try:
+            with contextlib.suppress(OSError):
+                while True:  # use up every descriptor this process may still open
+                    dummies.append(os.open(os.devnull, os.O_RDONLY))
+            w.send(0, "go")
+            with pytest.raises(OSError) as info:
+                poll_all(w, 1)
+        finally:
+            for fd in dummies:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert info.value.errno == errno.EMFILE and "ulimit -n" in str(info.value)
+
+
+def test_hundreds_of_segments_in_one_message():
+    n = 300  # more than SCM_MAX_FD (253) descriptors in one message
+
+    def main(chan, rank):
+        arrays = chan.recv()
+        for k, a in enumerate(arrays):
+            a[...] = k
+        # and back: n fresh segments made in the worker
+        chan.send([np.full(10_000, k, dtype="i8") for k in range(n)])
+
+    with Workers(1, main) as w:
+        arrays = [sharedmem.zeros(3, dtype="i8") for _ in range(n)]
+        fresh = len(memory._SEGMENTS)
+        w.send(0, arrays)
+        back = poll_all(w, 1)[0]
+        assert len(memory._SEGMENTS) == fresh + n
+    for k in range(n):
+        np.testing.assert_array_equal(arrays[k], k)
+        np.testing.assert_array_equal(back[k], k)
+        assert memory._segment_of(back[k]) is not None
