@@ -44,6 +44,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -188,6 +189,18 @@ def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
 # -- the worker group ---------------------------------------------------------
 
 _libc = None
+# sessions started from several threads fork one at a time: a fork between
+# another session's socketpair() and its close of the worker's end would give
+# that end to our worker, and hide the other worker's death until ours exits
+_forking = threading.Lock()
+
+
+def _new_forking_lock() -> None:
+    global _forking
+    _forking = threading.Lock()  # a child must not inherit it held (nested pools)
+
+
+os.register_at_fork(after_in_child=_new_forking_lock)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -250,6 +263,10 @@ class Workers:
             except (AttributeError, ValueError):
                 pass
         self._selector = selectors.DefaultSelector()
+        with _forking:
+            self._fork_all(parent)
+
+    def _fork_all(self, parent: int) -> None:
         for rank in range(self.n):
             mine, theirs = channel.pair(self.threshold)
             # SIGINT waits until the child ignores it and the parent has recorded

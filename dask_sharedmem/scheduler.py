@@ -193,6 +193,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     dependencies = state["dependencies"]
 
     def worker_main(chan: channel.Channel, rank: int) -> None:
+        sending = 0.0  # the last send's time: copying results to shared memory is work too
         while True:
             batch = chan.recv()
             t0 = time.perf_counter()
@@ -210,7 +211,9 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     chan.send(("error", key, pack_exception(e)))
                     return
                 out.append((key, res if keep else None))
-            _send_results(chan, out, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            _send_results(chan, out, t1 - t0 + sending)
+            sending = time.perf_counter() - t1
             del batch, out, data, res
 
     def start(key: Any) -> None:
