@@ -5,6 +5,16 @@ all built on ``fork`` and anonymous shared memory.  A drop-in successor to
 ``sharedmem`` 0.3.8: ``import dask_sharedmem as sharedmem``.
 """
 
+from .mapreduce import (
+    LostExceptionType,
+    MapReduce,
+    MapReduceByThread,
+    StopProcessGroup,
+    WorkerException,
+    background,
+    get_debug,
+    set_debug,
+)
 from .memory import (
     SharedArray,
     copy,
@@ -17,17 +27,6 @@ from .memory import (
     ones_like,
     zeros,
     zeros_like,
-)
-
-from .mapreduce import (
-    LostExceptionType,
-    MapReduce,
-    MapReduceByThread,
-    StopProcessGroup,
-    WorkerException,
-    background,
-    get_debug,
-    set_debug,
 )
 from .pool import WorkerDied, cpu_count, total_memory
 from .scheduler import get
@@ -48,19 +47,19 @@ __all__ = [
     "WorkerDied",
     "WorkerException",
     "background",
-    "cpu_count",
-    "get_debug",
-    "set_debug",
-    "total_memory",
     "copy",
+    "cpu_count",
     "empty",
     "empty_like",
     "fromiter",
     "full",
     "full_like",
     "get",
+    "get_debug",
     "ones",
     "ones_like",
+    "set_debug",
+    "total_memory",
     "zeros",
     "zeros_like",
 ]

@@ -9,6 +9,7 @@ sharedmem scheduler beside dask's threaded scheduler.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     x = sharedmem.zeros(n, dtype="f8")
     x[...] = 0  # touch every page once, so no run below pays the first-touch cost
     edges = np.linspace(0, n, args.chunks + 1).astype(int)
-    chunks = list(zip(edges[:-1], edges[1:]))
+    chunks = list(itertools.pairwise(edges.tolist()))
 
     def work(chunk):
         # GIL-bound Python work on each chunk, then a numpy write in place

@@ -67,12 +67,18 @@ class _Pickler(pickle.Pickler):
                 return NotImplemented
             shared = memory.empty_like(obj, order="A")
             shared[...] = obj
-            obj, seg = shared, memory._segment_of(shared)
+            obj, seg = shared, _segment(shared)
             cls = np.ndarray
         else:
             cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
         self.segments.append(seg)
         return memory._rebuild, (memory._handle(obj, seg), None, cls)
+
+
+def _segment(shared: memory.SharedArray) -> memory._Segment:
+    seg = memory._segment_of(shared)
+    assert seg is not None  # memory.empty_like always makes one
+    return seg
 
 
 def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD) -> tuple[bytes, list]:
@@ -162,7 +168,7 @@ class Channel:
     def feed(self) -> list:
         """Read what is available (one ``recv``) and return the complete messages."""
         self._read()
-        out = []
+        out: list = []
         while True:
             ok, msg = self._pop()
             if not ok:

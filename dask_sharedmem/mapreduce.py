@@ -40,7 +40,8 @@ import traceback
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from dask.callbacks import Callback, unpack_callbacks
 
@@ -182,7 +183,8 @@ class _Critical:
         return outer
 
     def _close(self, outer: int | None) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
         self._fd = outer
 
     def __enter__(self) -> _Critical:
@@ -447,7 +449,7 @@ class MapReduce:
             raise TypeError(f"minlength must be an int, not {type(minlength).__name__}")
         if not _is_indexable(sequence):
             sequence = list(sequence)
-        n = len(sequence)
+        n = len(sequence)  # type: ignore[arg-type]
         call = (lambda item: func(*item)) if star else func
         finish = _reducer(reduce)
         callbacks = Callback.active
@@ -584,17 +586,14 @@ class MapReduce:
                         elif kind == "ordered_exit":
                             release(msg[1], msg[1] + 1)
                         elif kind == "error":
-                            exc, lost = unpack_exception(msg[2])
-                            if lost:
-                                warnings.warn(str(exc), LostExceptionType, stacklevel=3)
-                            raise WorkerException(exc, exc.__cause__.tb)
+                            raise _worker_exception(msg[2])
             errored = False
         finally:
             self.critical._close(outer_critical)
             if progress:
                 progress.end(errored)
         if stopped:
-            return [r for r, done in zip(results, completed) if done]
+            return [r for r, done in zip(results, completed, strict=True) if done]
         return results
 
     # -- threads ------------------------------------------------------------
@@ -657,9 +656,10 @@ class MapReduce:
             e, in_reduce = failure[0]
             if in_reduce:  # reduce is the caller's own code: raised as itself, as with processes
                 raise e
-            raise WorkerException(e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            raise WorkerException(e, tb)
         if stopped.is_set():
-            return [r for r, done in zip(results, completed) if done]
+            return [r for r, done in zip(results, completed, strict=True) if done]
         return results
 
 
@@ -678,6 +678,14 @@ def _send_results(chan: Any, start: int, out: list, seconds: float) -> None:
                 chan.send(("error", start + k, pack_exception(err)))
                 return
         raise
+
+
+def _worker_exception(packed: tuple) -> WorkerException:
+    """The WorkerException for a packed exception; warn if its type was lost."""
+    exc, lost = unpack_exception(packed)
+    if lost:
+        warnings.warn(str(exc), LostExceptionType, stacklevel=4)
+    return WorkerException(exc, packed[3])
 
 
 def _reducer(reduce: Callable | None) -> Callable:
@@ -750,17 +758,14 @@ class background:
         w, self._workers = self._workers, None
         try:
             try:
-                events = []
+                events: list = []
                 while not events:
                     events = w.poll()
             except WorkerDied as e:
                 raise WorkerException(e, "") from None
             msg = events[0][1]
             if msg[0] == "error":
-                exc, lost = unpack_exception(msg[1])
-                if lost:
-                    warnings.warn(str(exc), LostExceptionType, stacklevel=2)
-                raise WorkerException(exc, exc.__cause__.tb)
+                raise _worker_exception(msg[1])
             return msg[1]
         finally:
             w.kill()

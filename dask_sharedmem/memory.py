@@ -40,7 +40,8 @@ import os
 import pickle
 import resource
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -146,15 +147,15 @@ def _handle(a: np.ndarray, seg: _Segment) -> tuple:
     return (seg.token, offset, a.shape, a.strides, a.dtype)
 
 
-def _view(seg: _Segment, offset: int, shape: tuple, strides: tuple, dtype: np.dtype,
-          cls: type = None) -> np.ndarray:
-    if not int(np.prod(shape)):
+def _view(seg: _Segment, offset: int, shape: tuple, strides: tuple | None, dtype: np.dtype,
+          cls: type | None = None) -> np.ndarray:
+    if not math.prod(shape):
         offset, strides = 0, None
     return np.ndarray.__new__(cls or SharedArray, shape, dtype, buffer=seg,
                               offset=offset, strides=strides)
 
 
-def _rebuild(handle: tuple, data: Any = None, cls: type = None) -> np.ndarray:
+def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.ndarray:
     """Unpickle a shared array: a view where the segment is known, else by value."""
     token, offset, shape, strides, dtype = handle
     seg = _SEGMENTS.get(token)
@@ -174,7 +175,7 @@ def _rebuild(handle: tuple, data: Any = None, cls: type = None) -> np.ndarray:
 
 
 def _pickle_data(a: np.ndarray) -> pickle.PickleBuffer:
-    return pickle.PickleBuffer(np.ascontiguousarray(a).view(np.ndarray))
+    return pickle.PickleBuffer(np.ascontiguousarray(a).view(np.ndarray))  # type: ignore[arg-type]
 
 
 class SharedArray(np.ndarray):
@@ -197,7 +198,7 @@ class SharedArray(np.ndarray):
         # give our type to results in private memory: only views stay shared
         return _plain_unless_shared(super().__array_function__(func, types, args, kwargs))
 
-    def copy(self, order: str = "C") -> SharedArray:
+    def copy(self, order: Any = "C") -> SharedArray:
         """A copy in new shared memory: a SharedArray is always shared.
 
         (``numpy.ndarray.copy`` would give our type over private memory;
@@ -208,7 +209,7 @@ class SharedArray(np.ndarray):
     def __copy__(self) -> SharedArray:
         return self.copy()
 
-    def __deepcopy__(self, memo: dict) -> SharedArray:
+    def __deepcopy__(self, memo: Any = None) -> SharedArray:
         return self.copy()
 
     def __reduce_ex__(self, protocol):
@@ -271,7 +272,8 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
         raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` "
                          "is larger than the maximum possible size.")
     seg = _new_segment(nbytes)
-    return np.ndarray.__new__(SharedArray, shape, dtype, buffer=seg, order=order)
+    return np.ndarray.__new__(SharedArray, shape, dtype, buffer=seg,
+                              order=order)  # type: ignore[arg-type]
 
 
 def _normalize_shape(shape: Any) -> tuple[int, ...]:

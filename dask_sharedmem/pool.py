@@ -46,7 +46,8 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import channel, memory
 
@@ -150,7 +151,8 @@ class RemoteTraceback(Exception):
         self.tb = tb
 
     def __str__(self) -> str:
-        return "\n\n" + self.tb.rstrip("\n") + '\n\n(the traceback above was raised in a worker process)'
+        return ("\n\n" + self.tb.rstrip("\n")
+                + "\n\n(the traceback above was raised in a worker process)")
 
 
 class LostException(Exception):
@@ -172,14 +174,14 @@ def pack_exception(exc: BaseException) -> tuple:
 def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
     """Rebuild a packed exception; say whether its type survived."""
     blob, name, message, tb = packed
-    exc = None
+    exc: BaseException | None = None
     if blob is not None:
         try:
             exc = pickle.loads(blob)
         except Exception:
             exc = None
     lost = exc is None
-    if lost:
+    if exc is None:
         exc = LostException(f"{name}: {message} (the exception could not be pickled; "
                             "its type is lost, its message and traceback are kept)")
     exc.__cause__ = RemoteTraceback(tb)
@@ -235,7 +237,7 @@ class Workers:
         self.threshold = threshold
         self.pids: list[int] = []
         self.channels: list[channel.Channel] = []
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: Any = None  # a selectors.DefaultSelector while started
         self._alive: set[int] = set()
 
     def __enter__(self) -> Workers:
@@ -333,7 +335,7 @@ class Workers:
 
         Raises :class:`WorkerDied` as soon as a worker's socket reads EOF.
         """
-        out = []
+        out: list[tuple[int, Any]] = []
         for key, _ in self._selector.select(timeout):
             rank = key.data
             try:

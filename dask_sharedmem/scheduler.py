@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dask
 from dask._task_spec import convert_legacy_graph
@@ -147,7 +147,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     with local_callbacks(callbacks) as cbs:
         start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
         state: dict = {}
-        started = []
+        started: list = []
         succeeded = False
         try:
             keyorder = order(dsk)
