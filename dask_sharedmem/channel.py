@@ -18,6 +18,13 @@ not know yet and registers it *before* unpickling, so every handle in the
 body resolves to a view of shared memory: large data never crosses the
 socket, only its file descriptor does.
 
+A pickle larger than 64 KiB (large bytes, lists, dataframes: anything that
+is not a numpy array) does not cross the socket either: it is written to a
+memfd of its own, sent as one more row of the segment table (token all
+zeros) with an empty body in the socket.  Every message in a socket is then
+small, so a sender never blocks waiting for the other side to read -- which
+could deadlock, since the parent and a worker may send to each other at once.
+
 Reading is incremental (:meth:`Channel.feed`), so the parent can multiplex
 many workers with ``selectors`` and read each socket as it becomes readable;
 workers use the blocking :meth:`Channel.recv`.  End of file raises
@@ -29,6 +36,7 @@ from __future__ import annotations
 import array
 import errno
 import io
+import mmap
 import os
 import pickle
 import socket
@@ -47,6 +55,10 @@ _MAX_FDS_PER_READ = 253  # SCM_MAX_FD on Linux
 
 #: numpy arrays at least this large travel in shared memory, not in the pickle
 DEFAULT_THRESHOLD = 64 * 1024
+
+#: message bodies larger than this travel in a memfd of their own, not in the socket
+_INLINE_MAX = 64 * 1024
+_SPILLED = b"\0" * 24  # its token in the segment table (real tokens are hex digits)
 
 
 class _Pickler(pickle.Pickler):
@@ -115,17 +127,33 @@ class Channel:
     def send_bytes(self, body: bytes, segments: list) -> None:
         unique = list({s.token: s for s in segments}.values())
         rows = [_SEGMENT.pack(s.token.encode(), len(s)) for s in unique]
-        head = _HEADER.pack(len(body), len(unique))
-        if not unique:
+        fds = [s.fd for s in unique]
+        spilled = None
+        if len(body) > _INLINE_MAX:
+            # a large body would block sendall until the other side reads it, and
+            # the other side may be blocked sending to us (the parent sends a batch
+            # with large inputs while the worker sends a large result): a deadlock.
+            # In a memfd it costs one descriptor, and every message stays small
+            spilled = _spill(body)
+            rows.append(_SEGMENT.pack(_SPILLED, len(body)))
+            fds.append(spilled)
+            body = b""
+        try:
+            self._send_parts(_HEADER.pack(len(body), len(rows)), rows, fds, body)
+        finally:
+            if spilled is not None:
+                os.close(spilled)
+
+    def _send_parts(self, head: bytes, rows: list, fds: list, body: bytes) -> None:
+        if not fds:
             self.sock.sendall(head + body)
             return
         # the kernel takes at most SCM_MAX_FD descriptors per sendmsg: each group
         # of descriptors rides on its own rows of the segment table
-        for k in range(0, len(unique), _MAX_FDS_PER_READ):
-            group = unique[k:k + _MAX_FDS_PER_READ]
+        for k in range(0, len(fds), _MAX_FDS_PER_READ):
+            group = array.array("i", fds[k:k + _MAX_FDS_PER_READ])
             part = (head if k == 0 else b"") + b"".join(rows[k:k + _MAX_FDS_PER_READ])
-            fds = array.array("i", [s.fd for s in group])
-            sent = self.sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sent = self.sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, group)])
             if sent < len(part):
                 self.sock.sendall(part[sent:])
         self.sock.sendall(body)
@@ -158,12 +186,24 @@ class Channel:
         if len(self._buf) < start + size:
             return False, None
         segments = []
+        spilled = None
         for k in range(nseg):
             token, length = _SEGMENT.unpack_from(self._buf, _HEADER.size + k * _SEGMENT.size)
-            segments.append(memory._adopt_segment(self._fds.popleft(), length, token.decode()))
-        body = bytes(self._buf[start:start + size])
+            fd = self._fds.popleft()
+            if token == _SPILLED:
+                spilled = (fd, length)
+            else:
+                segments.append(memory._adopt_segment(fd, length, token.decode()))
+        body: Any = bytes(self._buf[start:start + size])
         del self._buf[:start + size]
-        return True, pickle.loads(body)  # ``segments`` keeps the mappings alive until here
+        if spilled is None:
+            return True, _loads(body)  # ``segments`` keeps the mappings alive until here
+        fd, length = spilled
+        try:
+            with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
+                return True, _loads(body)
+        finally:
+            os.close(fd)
 
     def feed(self) -> list:
         """Read what is available (one ``recv``) and return the complete messages."""
@@ -182,6 +222,31 @@ class Channel:
             if ok:
                 return msg
             self._read()
+
+
+def _spill(body: bytes) -> int:
+    """A memfd holding ``body``, for :meth:`Channel.send_bytes`."""
+    fd = os.memfd_create("dask_sharedmem-message", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _loads(body: Any) -> Any:
+    try:
+        return pickle.loads(body)
+    except MemoryError:
+        raise
+    except Exception as e:
+        # it pickled on the other side but does not rebuild here (a __reduce__
+        # or __setstate__ that fails, a class this process cannot import):
+        # raise one type that says so, whatever the reconstructor raised
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
 
 
 def pair(threshold: int | None = DEFAULT_THRESHOLD) -> tuple[Channel, Channel]:

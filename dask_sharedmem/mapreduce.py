@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections.abc
 import fcntl
 import heapq
+import numbers
 import os
 import threading
 import time
@@ -48,6 +49,7 @@ from dask.callbacks import Callback, unpack_callbacks
 from . import memory
 from .channel import dumps
 from .pool import (
+    UnreadableResult,
     WorkerDied,
     Workers,
     cpu_count,
@@ -67,6 +69,7 @@ __all__ = [
 ]
 
 _BATCH_SECONDS = 0.02
+_PREFETCH_BELOW = 0.005  # seconds a range takes, under which a worker gets two at once
 _debug = False
 
 
@@ -100,7 +103,29 @@ def get_debug() -> bool:
 
 
 class LostExceptionType(Warning):
-    """Warned when a worker's exception could not be pickled and its type is lost."""
+    """Warned when a worker's exception could not be pickled and its type is lost.
+
+    The message and the worker's traceback are kept.
+
+    Examples
+    --------
+    >>> import threading, warnings, dask_sharedmem as sharedmem
+    >>> class Unpicklable(Exception):
+    ...     def __init__(self):
+    ...         super().__init__("holds a lock")
+    ...         self.lock = threading.Lock()
+    >>> def work(i):
+    ...     raise Unpicklable()
+    >>> with warnings.catch_warnings(record=True) as caught, sharedmem.MapReduce(np=1) as pool:
+    ...     warnings.simplefilter("always")
+    ...     try:
+    ...         pool.map(work, [0])
+    ...     except sharedmem.WorkerException as e:
+    ...         print("holds a lock" in str(e.reason))
+    True
+    >>> caught[0].category.__name__
+    'LostExceptionType'
+    """
 
 
 class WorkerException(Exception):
@@ -136,6 +161,11 @@ class WorkerException(Exception):
         self.traceback = traceback
         super().__init__(f"{type(reason).__name__}: {reason}\n{traceback}")
 
+    def __reduce__(self) -> tuple:
+        # the default (type, args) would call __init__ with the message alone;
+        # it must survive pickling to come out of a map nested in a worker
+        return (type(self), (self.reason, self.traceback), {**self.__dict__, "args": self.args})
+
 
 class StopProcessGroup(Exception):
     """Raise in a work function to stop the map early, like ``break`` in a loop.
@@ -162,11 +192,11 @@ class StopProcessGroup(Exception):
 def _check_np(np: Any) -> int:
     if np is None:
         return cpu_count()
-    if isinstance(np, bool) or not isinstance(np, int):
+    if isinstance(np, bool) or not isinstance(np, numbers.Integral):  # numpy ints are fine
         raise TypeError(f"np must be an int (the number of workers) or None, not {np!r}")
     if np < 0:
         raise ValueError(f"np must be >= 0 (0 runs in this process), not {np}")
-    return np
+    return int(np)
 
 
 class _Critical:
@@ -448,7 +478,12 @@ class MapReduce:
         if not isinstance(minlength, int):
             raise TypeError(f"minlength must be an int, not {type(minlength).__name__}")
         if not _is_indexable(sequence):
-            sequence = list(sequence)
+            try:
+                items = iter(sequence)
+            except TypeError:  # list() would say "'int' object is not iterable"
+                raise TypeError("sequence must be a sequence or an iterable, not "
+                                f"{type(sequence).__name__}") from None
+            sequence = list(items)
         n = len(sequence)  # type: ignore[arg-type]
         call = (lambda item: func(*item)) if star else func
         finish = _reducer(reduce)
@@ -489,7 +524,7 @@ class MapReduce:
                    progress: _Progress | None) -> list:
         n = len(sequence)
         nworkers = min(self.np, n)
-        current = memory.empty(nworkers, dtype="i8")  # the item each worker is on
+        current = memory.full(nworkers, -1, dtype="i8")  # the item each worker is on
         results: list = [None] * n
         completed = bytearray(n)
         stopped = False
@@ -524,14 +559,18 @@ class MapReduce:
                     _send_results(chan, start, out, time.perf_counter() - t0)
                 ctx.skipped = []
 
+        share = max(1, n // (8 * nworkers))  # the largest range: 8 per worker at least
+
+        def size_of(msg: tuple) -> int:
+            return max(len(msg[2]), 1)
+
         def dispatch(rank: int) -> None:
             nonlocal cursor
             if cursor >= n or stopped:
                 return
             size = 1
             if per_item is not None:  # aim at _BATCH_SECONDS, keep the load balanced
-                size = max(1, min((n - cursor) // (8 * nworkers),
-                                  int(_BATCH_SECONDS / max(per_item, 1e-9))))
+                size = max(1, min(share, n - cursor, int(_BATCH_SECONDS / max(per_item, 1e-9))))
             start, cursor = cursor, cursor + size
             inflight[rank].append((start, cursor))
             if progress:
@@ -557,9 +596,19 @@ class MapReduce:
                     try:
                         events = w.poll()
                     except WorkerDied as e:
-                        e.doing = f"item {int(current[e.rank])} of the sequence"
-                        e.args = (f"{e} while running item {int(current[e.rank])}",)
+                        i = int(current[e.rank])
+                        if any(a <= i < b for a, b in inflight[e.rank]):
+                            e.doing = f"item {i} of the sequence"
+                            e.args = (f"{e} while running item {i}",)
+                        else:  # item i's result had arrived: do not blame it
+                            e.args = (f"{e} while waiting for work",)
                         raise WorkerException(e, "") from None
+                    except UnreadableResult as e:
+                        a, b = inflight[e.rank][0]
+                        lost = e.about(f"result of item {a}" if b == a + 1
+                                       else f"results of items {a} to {b - 1}")
+                        lost.__cause__ = e.__cause__
+                        raise WorkerException(lost, "") from None
                     for rank, msg in events:
                         kind = msg[0]
                         if kind == "done" or kind == "stop":
@@ -575,7 +624,11 @@ class MapReduce:
                                 stopped = True
                             else:
                                 per_item = msg[3] / max(len(out), 1)
-                                dispatch(rank)
+                                # a second range in flight hides the round trip for
+                                # quick items; for slow ones it would only unbalance the tail
+                                depth = 2 if per_item * size_of(msg) < _PREFETCH_BELOW else 1
+                                while len(inflight[rank]) < depth and cursor < n and not stopped:
+                                    dispatch(rank)
                         elif kind == "ordered":
                             for j in msg[2]:
                                 turns.mark(j, j + 1)

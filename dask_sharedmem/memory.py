@@ -185,6 +185,20 @@ class SharedArray(np.ndarray):
     not a copy, inside the process that made it and its forked children.
     Results of arithmetic, ufuncs and reductions are ordinary numpy arrays and
     scalars: only the memory you allocate with this module is shared.
+
+    Examples
+    --------
+    >>> import os, numpy as np, dask_sharedmem as sharedmem
+    >>> a = sharedmem.zeros(3)
+    >>> pid = os.fork()
+    >>> if pid == 0:
+    ...     a[1] = 42
+    ...     os._exit(0)
+    >>> _ = os.waitpid(pid, 0)
+    >>> a
+    SharedArray([ 0., 42.,  0.])
+    >>> type(a + 1)
+    <class 'numpy.ndarray'>
     """
 
     def __array_wrap__(self, obj, context=None, return_scalar=False):

@@ -66,13 +66,49 @@ class WorkerDied(RuntimeError):
     pid : int
         Its process id.
     status : str
-        How it ended, e.g. ``"killed by SIGKILL"`` or ``"exited with code 3"``.
+        How it ended, e.g. ``"was killed by SIGKILL ..."`` or ``"exited with code 3"``.
+
+    Examples
+    --------
+    >>> import os, dask, dask_sharedmem
+    >>> try:
+    ...     dask_sharedmem.get({"x": (os._exit, 3)}, "x")
+    ... except dask_sharedmem.WorkerDied as e:
+    ...     print(e.status, "|", e.doing)
+    exited with code 3 | task 'x'
     """
 
     def __init__(self, rank: int, pid: int, status: str, doing: str = ""):
         self.rank, self.pid, self.status, self.doing = rank, pid, status, doing
         where = f" while running {doing}" if doing else ""
         super().__init__(f"worker {rank} (pid {pid}) {status}{where}")
+
+    def __reduce__(self) -> tuple:
+        # the default (type, args) would call __init__ with the message alone;
+        # a WorkerDied must survive pickling to come out of a nested session
+        return (type(self), (self.rank, self.pid, self.status, self.doing),
+                {**self.__dict__, "args": self.args})
+
+
+class UnreadableResult(pickle.UnpicklingError):
+    """Raised by :meth:`Workers.poll`: what a worker sent does not unpickle here.
+
+    It pickled in the worker, but rebuilding it failed in the parent (a
+    ``__reduce__`` or ``__setstate__`` that raises, a class the parent cannot
+    import).  The sessions turn it into an error that names the task.
+    """
+
+    def __init__(self, rank: int, pid: int, why: str):
+        self.rank, self.pid, self.why = rank, pid, why
+        super().__init__(self._say("message"))
+
+    def _say(self, what: str) -> str:
+        return (f"the {what} from worker {self.rank} (pid {self.pid}) could not be "
+                f"unpickled in the parent: {self.why}")
+
+    def about(self, what: str) -> pickle.UnpicklingError:
+        """The error to raise, naming ``what`` was lost (e.g. ``"result of item 3"``)."""
+        return pickle.UnpicklingError(self._say(what))
 
 
 def cpu_count() -> int:
@@ -215,6 +251,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _forget_inherited_thread_pools() -> None:
+    """Make dask's threaded scheduler start new thread pools in this worker.
+
+    dask keeps its pools in module globals, and a forked child inherits them
+    without their threads: a task that computes with ``scheduler="threads"``
+    (the default for dask arrays) would queue work that no thread ever runs.
+    The lock is new too: another thread of the parent may have held it.
+    """
+    threaded: Any = sys.modules.get("dask.threaded")
+    if threaded is not None:
+        threaded.default_pool = None
+        threaded.pools.clear()
+        threaded.pools_lock = threading.Lock()
+
+
 class Workers:
     """``n`` forked workers, each running ``main(channel, rank)``.
 
@@ -301,6 +352,7 @@ class Workers:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _die_with_parent(parent)
+            _forget_inherited_thread_pools()
             for sibling in self.channels:
                 sibling.sock.close()
             self.main(chan, rank)
@@ -342,6 +394,8 @@ class Workers:
                 msgs = self.channels[rank].feed()
             except (EOFError, ConnectionResetError):
                 self._reap(rank)
+            except pickle.UnpicklingError as e:
+                raise UnreadableResult(rank, self.pids[rank], str(e)) from e.__cause__
             out.extend((rank, m) for m in msgs)
         return out
 

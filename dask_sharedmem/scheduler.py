@@ -38,20 +38,22 @@ running.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import dask
 from dask._task_spec import convert_legacy_graph
-from dask.callbacks import local_callbacks, unpack_callbacks
+from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
 
 from . import channel, memory
 from .pool import (
+    UnreadableResult,
     WorkerDied,
     Workers,
     cpu_count,
@@ -76,11 +78,56 @@ def _num_workers(num_workers: Any) -> int:
         n = dask.config.get("sharedmem.num-workers", None)
     if n is None:
         return cpu_count()
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # numpy ints are fine
         raise TypeError(f"num_workers must be a positive int or None, not {n!r}")
     if n < 1:
         raise ValueError(f"num_workers must be at least 1, not {n}")
-    return n
+    return int(n)
+
+
+def _check_arguments(dsk: Any, keys: Any, threshold: Any, cache: Any) -> set:
+    """Say which argument is wrong before anything runs; return the wanted keys.
+
+    Without this, each of these surfaces later as an error about something
+    else: an AttributeError inside dask, or a TypeError in a worker when the
+    first large array is compared with a threshold that is not a number.
+    """
+    if not isinstance(dsk, Mapping):
+        raise TypeError("dsk must be a dask graph (a Mapping of keys to tasks, or an object "
+                        f"with __dask_graph__), not {type(dsk).__name__}")
+    if threshold is not None and (isinstance(threshold, bool)
+                                  or not isinstance(threshold, numbers.Integral)):
+        raise TypeError(f"threshold must be an int (bytes) or None, not {threshold!r}")
+    if threshold is not None and threshold < 0:
+        raise ValueError(f"threshold must be >= 0 bytes, not {threshold}")
+    if cache is not None and not isinstance(cache, MutableMapping):
+        raise TypeError("cache must be a dict of precomputed values (key -> value) or None, "
+                        f"not {type(cache).__name__}")
+    try:
+        return set(flatten(keys)) if isinstance(keys, list) else {keys}
+    except TypeError:
+        raise TypeError(f"keys must be a key of the graph or a (nested) list of keys, "
+                        f"not {keys!r}") from None
+
+
+def _normalize_callbacks(callbacks: Any) -> list | None:
+    """``callbacks`` as dask's local schedulers take them: a list of 5-tuples.
+
+    dask's ``Callback`` objects (``ProgressBar()``, ...) are accepted too.
+    """
+    if callbacks is None:
+        return None
+    if isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    try:
+        out = [normalize_callback(c) for c in callbacks]
+        ok = all(len(c) == 5 for c in out)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError("callbacks must be a list of dask Callback objects or of (start, "
+                        f"start_state, pretask, posttask, finish) tuples, not {callbacks!r}")
+    return out
 
 
 def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
@@ -136,8 +183,9 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         threshold = dask.config.get("sharedmem.threshold", channel.DEFAULT_THRESHOLD)
     if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
         dsk = dsk.__dask_graph__()
+    wanted = _check_arguments(dsk, keys, threshold, cache)
+    callbacks = _normalize_callbacks(callbacks)
     dsk = convert_legacy_graph(dsk)
-    wanted = set(flatten(keys)) if isinstance(keys, list) else {keys}
     if cache is None:
         cache = {}
     missing = [k for k in wanted if k not in dsk and k not in cache]
@@ -181,7 +229,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     running = state["running"]
     waiting = state["waiting"]
     dependents = state["dependents"]
-    current = memory.empty(nworkers, dtype="i8")  # the task number each worker runs
+    current = memory.full(nworkers, -1, dtype="i8")  # the task number each worker runs
     inflight: list[deque] = [deque() for _ in range(nworkers)]  # batches of task numbers
     numbered: dict[int, Any] = {}  # task number -> key, while in flight
     counter = 0
@@ -287,10 +335,17 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             try:
                 events = w.poll()
             except WorkerDied as e:
-                key = numbered.get(int(current[e.rank]))
-                e.doing = f"task {key!r}"
-                e.args = (f"{e} while running task {key!r}",)
+                number = int(current[e.rank])
+                if number in numbered:
+                    e.doing = f"task {numbered[number]!r}"
+                    e.args = (f"{e} while running task {numbered[number]!r}",)
+                else:  # the result of its last task had arrived: do not blame it
+                    e.args = (f"{e} while waiting for work",)
                 raise
+            except UnreadableResult as e:
+                keys = [numbered[n] for n in inflight[e.rank][0]]
+                raise e.about(f"result of task {keys[0]!r}" if len(keys) == 1
+                              else f"results of tasks {keys!r}") from e.__cause__
             for rank, msg in events:
                 if msg[0] == "error":
                     exc, lost = unpack_exception(msg[2])

@@ -107,3 +107,27 @@ def no_leaks(request):
         return
     problems = leaks(before, snapshot())
     assert not problems, "\n".join(problems)
+
+
+# -- measurements ------------------------------------------------------------------
+
+#: lines that tests add with :func:`measured`; printed in pytest's terminal summary
+MEASUREMENTS: list[str] = []
+
+
+def measured(line: str) -> None:
+    """Print ``line`` now (``pytest -s``) and again in the summary at the end of the run.
+
+    The fault, soak and scale tests use it for their numbers (time to error,
+    resources before and after, peak memory), so that a plain ``pytest`` run
+    still shows them together, without -s.
+    """
+    print("\n" + line)
+    MEASUREMENTS.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASUREMENTS:
+        terminalreporter.section("dask_sharedmem measurements")
+        for line in MEASUREMENTS:
+            terminalreporter.write_line(line)

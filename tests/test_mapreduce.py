@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import children, running
 from dask.callbacks import Callback
 from dask.diagnostics import ProgressBar
 from numpy.testing import assert_almost_equal
@@ -35,11 +36,9 @@ from dask_sharedmem import (
     WorkerDied,
     WorkerException,
     background,
+    memory,
 )
-from dask_sharedmem import memory
 from dask_sharedmem.pool import RemoteTraceback
-
-from conftest import children, running
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -788,7 +787,8 @@ def test_workers_die_with_a_killed_parent(tmp_path):
         while any(running(pid) for pid in workers):
             assert time.monotonic() < deadline, "workers outlived their SIGKILLed parent"
             time.sleep(0.005)
-        print(f"\nworkers gone {(time.perf_counter() - t0) * 1e3:.1f} ms after SIGKILL of the parent")
+        gone = (time.perf_counter() - t0) * 1e3
+        print(f"\nworkers gone {gone:.1f} ms after SIGKILL of the parent")
 
 
 # -- the seed README's examples ----------------------------------------------------------

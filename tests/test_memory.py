@@ -415,7 +415,7 @@ def test_view_keeps_memory_alive():
     gc.collect()
     assert memfds() > fds0 and rss() - rss0 > 200 * MB
     assert (v == 3.0).all() and np.shares_memory(pickle.loads(pickle.dumps(v)), v)
-    assert in_child(lambda: v.__setitem__(..., 4.0)) == 0
+    assert in_child(lambda: v.__setitem__(..., 4.0)) == 0  # noqa: F821 (deleted below)
     assert (v == 4.0).all()
     del v
     assert memfds() == fds0 and rss() - rss0 < 50 * MB

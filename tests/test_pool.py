@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import children, running
 
 import dask_sharedmem as sharedmem
 from dask_sharedmem import channel, memory
@@ -29,8 +30,6 @@ from dask_sharedmem.pool import (
     pack_exception,
     unpack_exception,
 )
-
-from conftest import children, running
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 

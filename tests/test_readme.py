@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_block_runs(code):
-    exec(compile(code, f"README.md block", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, "README.md block", "exec"), {"__name__": "__readme__"})
 
 
 def test_quick_start_has_exactly_two_commands():

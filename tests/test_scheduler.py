@@ -26,16 +26,15 @@ import dask.bag as db
 import dask.local
 import numpy as np
 import pytest
+from conftest import live_segments
 from dask.callbacks import Callback
-from dask.diagnostics import ProgressBar, Profiler, ResourceProfiler
+from dask.diagnostics import Profiler, ProgressBar, ResourceProfiler
 from dask.highlevelgraph import HighLevelGraph
 from dask.utils_test import GetFunctionTestMixin, inc
 
 import dask_sharedmem
 from dask_sharedmem import memory
 from dask_sharedmem.pool import RemoteTraceback
-
-from conftest import live_segments
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -241,7 +240,8 @@ def test_graph_data_is_found_in_the_workers_memory():
 
 def test_unpicklable_graph_data():
     lock = threading.Lock()
-    dsk = {"lock": lock, "a": (lambda l: l.locked(), "lock"), "b": (lambda l: l.locked(), "lock")}
+    locked = lambda lk: lk.locked()
+    dsk = {"lock": lock, "a": (locked, "lock"), "b": (locked, "lock")}
     assert dask_sharedmem.get(dsk, ["a", "b"], num_workers=2) == (False, False)
 
 

@@ -1,0 +1,760 @@
+"""Every way a worker or the parent can fail, for MapReduce and for the dask scheduler.
+
+One test per way to fail, parametrized over the two engines where the fault
+means the same for both (``ENGINES``).  Each test
+
+* runs under a timeout: an error must arrive, never a hang;
+* keeps the other worker busy in a long sleep where it can, so that it passes
+  only if the error arrives at once, not when the rest of the work is done;
+* records *time to error*: from the moment of the fault (written by the
+  faulting process into shared memory, ``time.monotonic`` being system-wide
+  on Linux) to the moment the exception reached the caller, and the total
+  time of the call;
+* checks with ``no_leaks`` that no child process, file descriptor or shared
+  segment is left, and records those resources before and after.
+
+The numbers are printed (``pytest -s``) and listed again in the terminal
+summary under "dask_sharedmem measurements".
+
+Engines differ in how they report: ``MapReduce.map`` wraps what went wrong in
+a worker in :class:`WorkerException` (``.reason`` is the error) and raises
+errors of ``reduce`` (which runs in the caller) as themselves; ``get`` raises
+a task's own exception, and :class:`WorkerDied`, as dask's local schedulers do.
+:meth:`Case.expect` hides that difference.
+"""
+
+import contextlib
+import errno
+import faulthandler
+import json
+import os
+import pickle
+import re
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import children, measured, running, snapshot
+from dask.callbacks import Callback
+
+import dask_sharedmem
+from dask_sharedmem import LostExceptionType, MapReduce, WorkerDied, WorkerException, memory
+from dask_sharedmem.pool import LostException, RemoteTraceback
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+LONG = 600  # seconds: a sleep that only a kill can end
+MB = 1 << 20
+ENGINES = ["mapreduce", "scheduler"]
+BOUND = 5.0  # seconds: an error that takes longer than this did not arrive "at once"
+
+
+# -- the harness ---------------------------------------------------------------------
+
+def run(engine, tasks, np=2, reduce=None):
+    """Run each zero-argument callable of ``tasks``: one item of a map, or one task of a graph.
+
+    Two workers, two tasks: both engines hand the first task to worker 0 and
+    the second to worker 1 (and the rendezvous of :meth:`Case.meet` checks it).
+    """
+    if engine == "mapreduce":
+        with MapReduce(np=np) as pool:
+            return pool.map(lambda f: f(), tasks, reduce=reduce)
+    dsk = {("t", i): (f,) for i, f in enumerate(tasks)}
+    return list(dask_sharedmem.get(dsk, list(dsk), num_workers=np))
+
+
+def still_works(engine):
+    """After an error, a new session of the same engine is as good as new."""
+    assert run(engine, [lambda: 1, lambda: 2]) == [1, 2]
+
+
+def item(engine, i):
+    """How each engine names the i-th task of :func:`run` in its messages."""
+    return f"item {i}" if engine == "mapreduce" else repr(("t", i))
+
+
+def usage(snap):
+    return f"{len(snap['children'])}/{len(snap['fds'])}/{snap['segments']}"
+
+
+class Case:
+    """One fault: shared memory for the workers to report in, and the clocks."""
+
+    def __init__(self, name, before):
+        self.name = name
+        self.before = before
+        self.clock = memory.zeros((), dtype="f8")  # when the fault happened (monotonic)
+        self.slots = memory.zeros(8, dtype="i8")  # worker pids, written by tasks
+        self.latency = self.total = None
+        self.exc = None
+        self.note = ""
+
+    def fault(self):
+        """Call right before the fault (in whichever process makes it)."""
+        self.clock[...] = time.monotonic()
+
+    def meet(self, i, parties=2, seconds=20):
+        """Write our pid to slot ``i``; wait until ``parties`` distinct pids are there.
+
+        A rendezvous: it returns True as soon as enough different workers run
+        at once.  The deadline turns a scheduling change (the two tasks on one
+        worker, one after the other) into False and a slow test, not a hang.
+        """
+        self.slots[i] = os.getpid()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(set(self.slots[self.slots != 0].tolist())) >= parties:
+                return True
+            time.sleep(0.001)
+        return False
+
+    def busy(self, i, parties=2, seconds=20):
+        """The sibling of a fault: meets it, then sleeps until killed."""
+        if self.meet(i, parties, seconds):
+            time.sleep(LONG)
+        return i
+
+    @contextlib.contextmanager
+    def expect(self, engine, kind, match=None, wrapped=True):
+        """``pytest.raises`` for both engines; record the time to error.
+
+        ``kind`` is the error itself (a type or tuple of types): MapReduce
+        must wrap it in a WorkerException unless ``wrapped`` is False (errors of
+        the caller's own code, such as ``reduce`` and callbacks).
+        """
+        outer = WorkerException if engine == "mapreduce" and wrapped else kind
+        t0 = time.monotonic()
+        with pytest.raises(outer) as info:
+            try:
+                yield info
+            finally:
+                t1 = time.monotonic()
+        self.exc = info.value.reason if engine == "mapreduce" and wrapped else info.value
+        assert isinstance(self.exc, kind), repr(self.exc)
+        if match is not None:
+            assert re.search(match, str(self.exc)), str(self.exc)
+        self.total = t1 - t0
+        if float(self.clock):
+            self.latency = t1 - float(self.clock)
+            assert self.latency < BOUND, f"the error took {self.latency:.1f} s to arrive"
+
+    @contextlib.contextmanager
+    def timed(self):
+        """For calls that must succeed: record how long they took."""
+        t0 = time.monotonic()
+        yield
+        self.total = time.monotonic() - t0
+
+    def release(self):
+        # the clock and slots are shared segments; the exception's traceback
+        # holds the frames of the call, and they hold its shared arrays
+        del self.clock, self.slots
+        self.what = "ok" if self.exc is None else type(self.exc).__name__
+        self.exc = None
+
+    def line(self, after):
+        ms = lambda s: "-" if s is None else f"{s * 1e3:8.1f} ms"
+        return (f"fault {self.name:58s} {self.what:16s} to error {ms(self.latency)}  "
+                f"call {ms(self.total)}  children/fds/segments {usage(self.before)}"
+                f" -> {usage(after)}{self.note}")
+
+
+@pytest.fixture
+def case(request, no_leaks):
+    c = Case(request.node.name.removeprefix("test_"), no_leaks)
+    yield c
+    c.release()
+    if not getattr(request.node, "_call_failed", False):
+        measured(c.line(snapshot()))
+
+
+# -- exceptions ----------------------------------------------------------------------
+
+class CustomError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [CustomError, SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exception_in_a_task(engine, error, case):
+    def bad():
+        case.meet(0)
+        case.fault()
+        raise error(3)
+
+    with case.expect(engine, error):
+        run(engine, [bad, lambda: case.busy(1)])
+    cause = case.exc.__cause__
+    assert isinstance(cause, RemoteTraceback) and "in bad" in cause.tb
+    still_works(engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exception_in_reduce(engine, case):
+    """MapReduce: ``reduce`` runs in the caller.  Scheduler: the aggregate of a tree reduction."""
+    if engine == "mapreduce":
+        def work(i):
+            if i >= 4:
+                time.sleep(LONG)  # only sent after the first results: these are busy
+            return i
+
+        def reduce(r):
+            if r == 3:
+                case.fault()
+                raise CustomError("reduce failed")
+            return r
+
+        with MapReduce(np=2) as pool, case.expect(engine, CustomError, "reduce failed",
+                                                   wrapped=False):
+            pool.map(work, range(20), reduce=reduce)
+    else:
+        def aggregate(part):
+            case.meet(0)
+            case.fault()
+            raise CustomError("reduce failed")
+
+        # "part" -> "total" is a chain, sent to one worker as one batch: with
+        # "busy" there are two batches, one for each worker (in a wider tree
+        # "total" could be queued behind "busy" on the same worker)
+        dsk = {"part": (sum, [1, 2, 3]), "total": (aggregate, "part"), "busy": (case.busy, 1)}
+        with case.expect(engine, CustomError, "reduce failed"):
+            dask_sharedmem.get(dsk, ["total", "busy"], num_workers=2)
+        assert "in aggregate" in case.exc.__cause__.tb
+    still_works(engine)
+
+
+class Boom(Callback):
+    def _posttask(self, key, result, dsk, state, worker_id):
+        raise CustomError("callback failed")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exception_in_a_callback_in_the_parent(engine, case):
+    """The caller's own code fails mid-run (a dask callback): busy workers are killed."""
+    def quick():
+        case.meet(0)
+        case.fault()
+        return 0
+
+    with Boom(), case.expect(engine, CustomError, "callback failed", wrapped=False):
+        run(engine, [quick, lambda: case.busy(1)])
+    still_works(engine)
+
+
+# -- a worker dies -------------------------------------------------------------------
+
+DEATHS = {
+    "SIGKILL": "was killed by SIGKILL",
+    "SIGSEGV": "was killed by SIGSEGV",
+    "SIGTERM": "was killed by SIGTERM",
+    "os._exit": "exited with code 3",
+}
+
+
+def die(how):
+    if how == "os._exit":
+        os._exit(3)
+    if how == "SIGSEGV":
+        faulthandler.disable()  # pytest's handler would print every thread's stack first
+    os.kill(os.getpid(), getattr(signal, how))
+    time.sleep(LONG)
+
+
+@pytest.mark.parametrize("how", DEATHS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_dies_in_a_task(engine, how, case):
+    def doomed():
+        case.meet(0)
+        case.fault()
+        die(how)
+
+    with case.expect(engine, WorkerDied, DEATHS[how]):
+        run(engine, [doomed, lambda: case.busy(1)])
+    e = case.exc
+    assert item(engine, 0) in str(e), str(e)
+    assert e.pid == case.slots[0] and not running(e.pid)
+    still_works(engine)
+
+
+def waiting_for_work(pid):
+    """Whether ``pid`` is blocked reading its socket (what an idle worker does)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().startswith("unix_stream")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["timer SIGKILL", "timer os._exit", "parent SIGKILL",
+                                 "parent SIGTERM"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_dies_between_tasks(engine, how, case):
+    """A worker that finished its task dies while waiting for more work.
+
+    ``timer``: the task arms a timer in its worker and returns; the timer's
+    thread kills the idle worker.  ``parent``: a thread of the test reads the
+    worker's pid from shared memory, waits until the worker sleeps in its
+    socket read, and kills it.
+    """
+    who, sig = how.split()
+
+    def arm():
+        case.meet(0)
+        if who == "timer":
+            threading.Timer(0.05, lambda: (case.fault(), die(sig))).start()
+        return 0
+
+    def kill_when_idle():
+        deadline = time.monotonic() + 20
+        while not (case.slots[0] and waiting_for_work(int(case.slots[0]))):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        case.fault()
+        os.kill(int(case.slots[0]), getattr(signal, sig))
+
+    killer = threading.Thread(target=kill_when_idle) if who == "parent" else None
+    if killer:
+        killer.start()
+    try:
+        with case.expect(engine, WorkerDied, DEATHS[sig]):
+            run(engine, [arm, lambda: case.busy(1)])
+    finally:
+        if killer:
+            killer.join()
+    e = case.exc
+    assert e.pid == case.slots[0] and not running(e.pid)
+    # it ran nothing when it died: the message must not blame a task that had finished
+    assert "waiting for work" in str(e) and "None" not in str(e), str(e)
+    assert item(engine, 0) not in str(e), str(e)
+    still_works(engine)
+
+
+# -- what cannot be pickled ----------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unpicklable_result(engine, case):
+    def bad():
+        case.meet(0)
+        case.fault()
+        return lambda: 0
+
+    with case.expect(engine, TypeError):
+        run(engine, [bad, lambda: case.busy(1)])
+    text = str(case.exc)
+    assert item(engine, 0) in text and "pickle" in text and "function" in text, text
+    still_works(engine)
+
+
+def _refuse_to_unpickle():
+    raise CustomError("this object refuses to be unpickled")
+
+
+class Unloadable:
+    """Pickles fine in the worker; unpickling it in the parent fails."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_result_that_cannot_be_unpickled(engine, case):
+    def bad():
+        case.meet(0)
+        case.fault()
+        return Unloadable()
+
+    with case.expect(engine, pickle.UnpicklingError, "could not be unpickled in the parent"):
+        run(engine, [bad, lambda: case.busy(1)])
+    text = str(case.exc)
+    assert item(engine, 0) in text and "refuses to be unpickled" in text, text
+    assert f"pid {case.slots[0]}" in text and isinstance(case.exc.__cause__, CustomError)
+    still_works(engine)
+
+
+def test_unpicklable_items_of_a_map_are_inherited(case):
+    """MapReduce never pickles its items: locks, lambdas, generators are fine."""
+    locks = [threading.Lock() for _ in range(6)]
+    locks[2].acquire()
+    with MapReduce(np=2) as pool, case.timed():
+        assert pool.map(lambda lock: lock.locked(), locks) == [False, False, True] + [False] * 3
+    locks[2].release()
+
+
+def make_lambda():
+    return lambda v: v * 3
+
+
+@pytest.mark.parametrize("consumer", ["chained", "two inputs"])
+def test_unpicklable_input_of_a_task(consumer, case):
+    """A task's result that cannot be pickled is fine while it stays in its worker
+    (its only dependent runs right after it, in the same worker); when it must
+    travel to the task that needs it, the error names the task that made it."""
+    if consumer == "chained":
+        dsk = {"f": (make_lambda,), "y": (lambda f: f(14), "f")}
+        with case.timed():
+            assert dask_sharedmem.get(dsk, "y", num_workers=2) == 42
+        return
+    dsk = {"f": (make_lambda,), "n": (int, 14), "y": (lambda f, n: f(n), "f", "n")}
+    with case.expect("scheduler", TypeError, "'f'"):
+        dask_sharedmem.get(dsk, "y", num_workers=2)
+    assert "pickle" in str(case.exc)
+    still_works("scheduler")
+
+
+class LockedError(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TwoArgsError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+@pytest.mark.parametrize("error", [LockedError("holds a lock"), TwoArgsError("one", "two")],
+                         ids=["cannot-pickle", "cannot-unpickle"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unpicklable_exception(engine, error, case):
+    def bad():
+        case.meet(0)
+        case.fault()
+        raise error
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with case.expect(engine, LostException):
+            run(engine, [bad, lambda: case.busy(1)])
+    text = str(case.exc)
+    assert type(error).__name__ in text and str(error) in text, text
+    assert "in bad" in case.exc.__cause__.tb
+    if engine == "mapreduce":
+        assert any(w.category is LostExceptionType for w in caught)
+    else:
+        assert "('t', 0)" in text
+    still_works(engine)
+
+
+# -- results too large for the socket --------------------------------------------------
+
+LARGE = {
+    "bytes 50 MB": lambda: b"\x01\x02\x03\x04\x05" * (10 * MB),
+    "list of 10**6 ints": lambda: list(range(10**6)),
+    "dict of 10**5 str": lambda: {str(k): k for k in range(10**5)},
+    "ndarray 50 MB": lambda: np.arange(50 * MB // 8, dtype="f8"),
+}
+
+
+@pytest.mark.parametrize("what", LARGE)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_large_result(engine, what, case):
+    make = LARGE[what]
+    with case.timed():
+        out = run(engine, [make, make, make])
+    expected = make()
+    for r in out:
+        if isinstance(expected, np.ndarray):
+            np.testing.assert_array_equal(r, expected)
+        else:
+            assert r == expected
+
+
+def big_bytes(i):
+    return bytes([i]) * (50 * MB)
+
+
+def both(a, b):
+    return len(a) + len(b), a[0], b[0]
+
+
+def test_large_inputs_and_results_both_ways(case):
+    """Large results come back while large inputs go out to the same workers.
+
+    Each worker has two batches in flight: the parent sends one with 100 MB
+    of inputs while the worker sends its 50 MB result.  Over a socket alone
+    both would block in ``send``, each waiting for the other to read.
+    """
+    n = 4
+    dsk = {("a", i): (big_bytes, i) for i in range(n)}
+    dsk.update({("c", i): (both, ("a", i), ("a", (i + 1) % n)) for i in range(n)})
+    with case.timed():
+        out = dask_sharedmem.get(dsk, [("c", i) for i in range(n)], num_workers=2)
+    assert out == tuple((100 * MB, i, (i + 1) % n) for i in range(n))
+
+
+# -- the parent: Ctrl-C, killed --------------------------------------------------------
+
+PARENT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    import dask_sharedmem
+
+    engine, where, nested = sys.argv[1], sys.argv[2], sys.argv[3] == "nested"
+
+    def children():
+        out = []
+        for name in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid():
+                out.append(int(name))
+        return out
+
+    def run(tasks):
+        if engine == "mapreduce":
+            with dask_sharedmem.MapReduce(np=len(tasks)) as pool:
+                return pool.map(lambda f: f(), tasks)
+        dsk = {("t", i): (f,) for i, f in enumerate(tasks)}
+        return dask_sharedmem.get(dsk, list(dsk), num_workers=len(tasks))
+
+    def sleeper():
+        open(os.path.join(where, str(os.getpid())), "w").close()
+        if nested:  # a worker with a worker of its own
+            run([lambda: sleeper_inner()])
+        time.sleep(600)
+
+    def sleeper_inner():
+        open(os.path.join(where, str(os.getpid())), "w").close()
+        time.sleep(600)
+
+    try:
+        run([sleeper, sleeper])
+    except KeyboardInterrupt:
+        print(json.dumps(children()), flush=True)
+        raise
+""")
+
+
+def start_parent(tmp_path, engine, nested):
+    """Start a parent that runs two sleeping workers; return it and all its descendants."""
+    where = tmp_path / "pids"
+    where.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, engine, str(where),
+                             "nested" if nested else "flat"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expected = 4 if nested else 2
+    deadline = time.monotonic() + 30
+    while len(os.listdir(where)) < expected:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.005)
+    pids = [int(p) for p in os.listdir(where)]
+    assert all(running(p) for p in pids)
+    return proc, pids
+
+
+def wait_gone(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_parent_gets_sigint(engine, tmp_path, case):
+    """Ctrl-C: KeyboardInterrupt in the parent, every worker reaped before it propagates."""
+    proc, pids = start_parent(tmp_path, engine, nested=False)
+    with proc:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        case.latency = time.monotonic() - t0
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err)
+    assert err.rstrip().endswith("KeyboardInterrupt") and err.count("KeyboardInterrupt") == 1, err
+    assert json.loads(out) == []  # no child left when the exception reached the caller
+    assert wait_gone(pids, 0)
+    case.note = f"  (process exit after SIGINT; children at KeyboardInterrupt: {out.strip()})"
+
+
+@pytest.mark.parametrize("sig, nested", [("SIGKILL", False), ("SIGKILL", True),
+                                         ("SIGTERM", False)],
+                         ids=["SIGKILL", "SIGKILL-nested", "SIGTERM"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_parent_is_killed(engine, sig, nested, tmp_path, case):
+    """Workers (and their own workers) follow a killed parent within a second."""
+    proc, pids = start_parent(tmp_path, engine, nested)
+    with proc:
+        t0 = time.monotonic()
+        proc.send_signal(getattr(signal, sig))
+        gone = wait_gone(pids, 1.0)
+        case.latency = time.monotonic() - t0
+        proc.communicate(timeout=20)
+    assert gone, f"workers {[p for p in pids if running(p)]} outlived their parent by 1 s"
+    case.note = f"  (until all {len(pids)} workers were gone)"
+
+
+# -- failures while the pool starts -----------------------------------------------------
+
+@pytest.mark.parametrize("error", [BlockingIOError, KeyboardInterrupt])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_fails_after_the_first_worker(engine, error, monkeypatch, case):
+    """What fork raises when the system is out of processes (EAGAIN), or a Ctrl-C."""
+    real_fork = os.fork
+    forked = []
+
+    def fork():
+        if forked:
+            case.fault()
+            raise error(errno.EAGAIN, "Resource temporarily unavailable")
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    with case.expect(engine, error, wrapped=False):
+        run(engine, [lambda: 1, lambda: 2])
+    assert len(forked) == 1 and forked[0] not in children()
+    monkeypatch.undo()
+    still_works(engine)
+
+
+# -- a session inside a worker ---------------------------------------------------------
+
+def run_inner(engine, fail):
+    def inner_task():
+        if fail:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return os.getppid()
+
+    return run(engine, [inner_task, inner_task])
+
+
+@pytest.mark.parametrize("inner", ENGINES)
+@pytest.mark.parametrize("outer", ENGINES)
+def test_session_inside_a_worker(outer, inner, case):
+    with case.timed():
+        out = run(outer, [lambda: (os.getpid(), run_inner(inner, False))] * 2)
+    for pid, parents in out:
+        assert parents == [pid, pid]  # the inner workers were forked by the outer worker
+
+
+@pytest.mark.parametrize("inner", ENGINES)
+@pytest.mark.parametrize("outer", ENGINES)
+def test_inner_worker_dies(outer, inner, case):
+    """The innermost error reaches the caller with its type, through both layers."""
+    def task():
+        case.meet(0)
+        case.fault()
+        return run_inner(inner, True)
+
+    expected = WorkerException if inner == "mapreduce" else WorkerDied
+    with case.expect(outer, expected):
+        run(outer, [task, lambda: case.busy(1)])
+    e = case.exc
+    if inner == "mapreduce":
+        e = e.reason
+    assert isinstance(e, WorkerDied) and "SIGKILL" in str(e), repr(e)
+    assert item(inner, 0) in str(e) or item(inner, 1) in str(e), str(e)
+    still_works(outer)
+
+
+# -- fork with other threads in the parent ------------------------------------------
+
+def threaded_sum(i):
+    """A task that uses dask's default (threaded) scheduler inside a worker."""
+    return int(da.arange(100, chunks=10).sum().compute(scheduler="threads")) + i
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_after_the_threads_scheduler_ran(engine, case):
+    """dask's thread pool exists in the parent (its threads do not in a worker)."""
+    assert int(da.ones(10, chunks=2).sum().compute(scheduler="threads")) == 10
+    assert any(t.name.startswith("ThreadPoolExecutor") for t in threading.enumerate())
+    with case.timed():
+        out = run(engine, [lambda: threaded_sum(0), lambda: threaded_sum(1)])
+    assert out == [4950, 4951]
+    with dask.config.set(scheduler="threads"):  # and with it as the default
+        assert run(engine, [lambda: int(da.ones(10, chunks=2).sum().compute())]) == [10]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_while_a_thread_holds_a_lock(engine, case):
+    """A lock the tasks do not need, held by a live thread across the fork, is harmless."""
+    lock = threading.Lock()
+    holding, done = threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            holding.set()
+            done.wait()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    holding.wait()
+    try:
+        with case.timed():
+            assert run(engine, [lambda: lock.locked(), lambda: 2]) == [True, 2]
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fork_while_a_thread_prints(engine, case, capfd):
+    """A thread writing to stdout across many forks: workers print and exit cleanly."""
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.is_set():
+            print("chatter " * 10)
+
+    t = threading.Thread(target=chatter)
+    t.start()
+    try:
+        with case.timed():
+            for _ in range(10):
+                assert run(engine, [lambda: print("from a worker") or 1] * 2) == [1, 1]
+    finally:
+        stop.set()
+        t.join()
+    assert "from a worker" in capfd.readouterr().out
+
+
+# -- memory exhaustion -----------------------------------------------------------------
+
+def limit_address_space(extra):
+    """Let this process grow by at most ``extra`` bytes of address space."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra, hard))
+
+
+HOGS = {
+    "numpy 4 GB": lambda: np.ones(4 << 30, dtype="u1"),
+    "shared 4 GB": lambda: dask_sharedmem.empty(4 << 30, dtype="u1"),
+    "list 8 GB": lambda: [0] * (1 << 30),
+    "grow until it fails": lambda: [bytes(1 << 20) for _ in range(1 << 20)],
+}
+
+
+@pytest.mark.parametrize("hog", HOGS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_memory_exhaustion_in_a_worker(engine, hog, case):
+    """RLIMIT_AS in a task: a MemoryError comes back, or the worker dies; never a hang."""
+    def greedy():
+        case.meet(0)
+        limit_address_space(256 * MB)
+        case.fault()
+        return HOGS[hog]()
+
+    with case.expect(engine, (MemoryError, WorkerDied)):
+        run(engine, [greedy, lambda: case.busy(1)])
+    still_works(engine)
