@@ -64,6 +64,7 @@ from .pool import (
 __all__ = ["get"]
 
 _BATCH_SECONDS = 0.005
+_PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None,
@@ -356,11 +357,14 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
+                # a second batch in flight hides the round trip for quick tasks;
+                # for slow ones it would only leave a worker idle at the end
+                depth = 2 if seconds < _PREFETCH_BELOW else 1
                 for key, res in out:
                     finish(key, res, rank)
                 del out, key, res
                 for other in range(nworkers):
-                    while len(inflight[other]) < 2 and ready:
+                    while len(inflight[other]) < depth and ready:
                         dispatch(other)
 
 
