@@ -59,6 +59,10 @@ __all__ = [
     "zeros_like",
 ]
 
+#: set in pool workers: arrays that arrive there in shared memory are SharedArrays,
+#: so that joining them (np.concatenate, as dask's finalize does) stays shared
+_in_worker = False
+
 #: token -> live segment of this process (inherited by forked children).
 _SEGMENTS: weakref.WeakValueDictionary[str, _Segment] = weakref.WeakValueDictionary()
 
@@ -160,6 +164,8 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
     token, offset, shape, strides, dtype = handle
     seg = _SEGMENTS.get(token)
     if seg is not None:
+        if cls is np.ndarray and _in_worker:
+            cls = SharedArray
         return _view(seg, offset, shape, strides, dtype, cls)
     if data is not None:
         out = empty(shape, dtype)
@@ -208,8 +214,12 @@ class SharedArray(np.ndarray):
         return obj[()] if return_scalar else obj
 
     def __array_function__(self, func, types, args, kwargs):
-        # numpy functions other than ufuncs (dot, sort, concatenate, ...) would
-        # give our type to results in private memory: only views stay shared
+        if func is np.concatenate and kwargs.get("out") is None:
+            out = _shared_concatenate(*args, **kwargs)
+            if out is not None:
+                return out
+        # numpy functions other than ufuncs (dot, sort, ...) would give our
+        # type to results in private memory: only views stay shared
         return _plain_unless_shared(super().__array_function__(func, types, args, kwargs))
 
     def copy(self, order: Any = "C") -> SharedArray:
@@ -235,6 +245,38 @@ class SharedArray(np.ndarray):
 
     def __reduce__(self):
         return self.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+#: concatenations of shared arrays at least this large are made in shared memory
+_CONCATENATE_SHARED_MIN = 1 << 20
+
+
+def _shared_concatenate(arrays: Any, axis: Any = 0, dtype: Any = None,
+                        casting: str = "same_kind") -> SharedArray | None:
+    """``np.concatenate`` of shared arrays into a new shared array, or None.
+
+    Joining shared pieces (dask's chunks, in a worker) gives a shared result
+    that crosses to other processes as a handle: no copy of the whole.  Small
+    results, ``axis=None`` and unusual inputs are left to numpy.
+    """
+    if axis is None or not isinstance(arrays, (list, tuple)) or not arrays:
+        return None
+    arrays = [np.asarray(a) for a in arrays]
+    first = arrays[0]
+    if first.ndim == 0 or any(a.ndim != first.ndim for a in arrays):
+        return None
+    try:
+        ax = operator.index(axis) % first.ndim
+    except TypeError:
+        return None
+    shape = list(first.shape)
+    shape[ax] = sum(a.shape[ax] for a in arrays)
+    dtype = np.result_type(*arrays) if dtype is None else np.dtype(dtype)
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize < _CONCATENATE_SHARED_MIN:
+        return None
+    out = empty(shape, dtype)
+    np.concatenate(arrays, axis=ax, out=out, casting=casting)  # type: ignore[call-overload]  # numpy checks shapes
+    return out
 
 
 def _plain_unless_shared(obj: Any) -> Any:

@@ -353,6 +353,7 @@ class Workers:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _die_with_parent(parent)
             _forget_inherited_thread_pools()
+            memory._in_worker = True
             for sibling in self.channels:
                 sibling.sock.close()
             self.main(chan, rank)

@@ -45,6 +45,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import dask
+import numpy as np
 from dask._task_spec import convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
@@ -217,9 +218,17 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                 for f in finish_cbs:
                     f(dsk, state, not succeeded)
     try:
-        return nested_get(keys, state["cache"])
+        return nested_get(keys, _plain(state["cache"], wanted))
     finally:
         state.clear()
+
+
+def _plain(cache: dict, wanted: set) -> dict:
+    """Results as ordinary numpy arrays (views of their shared memory)."""
+    for key in wanted:
+        if isinstance(cache.get(key), memory.SharedArray):
+            cache[key] = cache[key].view(np.ndarray)
+    return cache
 
 
 def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,

@@ -444,3 +444,16 @@ def test_memory_returned_to_os():
           f"{rss1 / MB:.1f} MB ({(rss1 - rss0) / MB:+.1f} MB); open fds {fds0} -> {fds1}")
     assert peak - rss0 > 60 * MB  # the pages really were touched, so the check can fail
     assert fds1 == fds0
+
+
+def test_large_concatenations_of_shared_arrays_stay_shared():
+    """np.concatenate of shared pieces (dask's finalize in a worker) gives shared memory."""
+    a, b = sm.full((600, 300), 1.0), sm.full((400, 300), 2.0)  # 2.4 MB together
+    joined = np.concatenate([a, b])
+    assert type(joined) is SharedArray and memory._segment_of(joined) is not None
+    np.testing.assert_array_equal(joined, np.concatenate([np.asarray(a), np.asarray(b)]))
+    assert in_child(lambda: joined.__setitem__((0, 0), 7.0)) == 0 and joined[0, 0] == 7.0
+    assert type(np.concatenate([a[:2], b[:2]])) is np.ndarray  # small: numpy's own
+    assert np.concatenate([a, b], axis=None).shape == (300_000,)
+    with pytest.raises(ValueError):
+        np.concatenate([a, sm.ones((3, 3))])
