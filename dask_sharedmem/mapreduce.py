@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections.abc
 import fcntl
 import heapq
-import numbers
 import os
 import threading
 import time
@@ -55,6 +54,7 @@ from .pool import (
     cpu_count,
     pack_exception,
     unpack_exception,
+    worker_count,
 )
 
 __all__ = [
@@ -192,11 +192,7 @@ class StopProcessGroup(Exception):
 def _check_np(np: Any) -> int:
     if np is None:
         return cpu_count()
-    if isinstance(np, bool) or not isinstance(np, numbers.Integral):  # numpy ints are fine
-        raise TypeError(f"np must be an int (the number of workers) or None, not {np!r}")
-    if np < 0:
-        raise ValueError(f"np must be >= 0 (0 runs in this process), not {np}")
-    return int(np)
+    return worker_count(np, "np", "an int (the number of workers)", ">= 0 (0 runs in this process)")
 
 
 class _Critical:

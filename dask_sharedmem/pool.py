@@ -38,6 +38,7 @@ message and traceback text.
 from __future__ import annotations
 
 import ctypes
+import numbers
 import os
 import pickle
 import selectors
@@ -136,6 +137,19 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def worker_count(n: Any, name: str, kind: str, minimum: str) -> int:
+    """Validate a number of workers given as ``name``; numpy integers are fine.
+
+    >>> worker_count(2, "np", "an int", ">= 0")
+    2
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be {kind} or None, not {n!r}")
+    if n < (0 if minimum.startswith(">= 0") else 1):
+        raise ValueError(f"{name} must be {minimum}, not {n}")
+    return int(n)
 
 
 def total_memory() -> int:

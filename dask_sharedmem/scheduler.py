@@ -60,6 +60,7 @@ from .pool import (
     cpu_count,
     pack_exception,
     unpack_exception,
+    worker_count,
 )
 
 __all__ = ["get"]
@@ -80,11 +81,7 @@ def _num_workers(num_workers: Any) -> int:
         n = dask.config.get("sharedmem.num-workers", None)
     if n is None:
         return cpu_count()
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # numpy ints are fine
-        raise TypeError(f"num_workers must be a positive int or None, not {n!r}")
-    if n < 1:
-        raise ValueError(f"num_workers must be at least 1, not {n}")
-    return int(n)
+    return worker_count(n, "num_workers", "a positive int", "at least 1")
 
 
 def _check_arguments(dsk: Any, keys: Any, threshold: Any, cache: Any) -> set:
