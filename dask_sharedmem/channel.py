@@ -34,6 +34,7 @@ workers use the blocking :meth:`Channel.recv`.  End of file raises
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import io
 import mmap
@@ -42,6 +43,7 @@ import pickle
 import socket
 import struct
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -61,13 +63,44 @@ _INLINE_MAX = 64 * 1024
 _SPILLED = b"\0" * 24  # its token in the segment table (real tokens are hex digits)
 
 
-class _Pickler(pickle.Pickler):
-    """A pickler that sends shared (and large) numpy arrays as handles."""
+#: at most this many descriptors (and a quarter of the limit on open files) ride
+#: on one message; further segments in it travel by value, so a receiver never
+#: holds more than this many unmapped ones
+_MAX_FDS_PER_MESSAGE = 1024
 
-    def __init__(self, file: io.BytesIO, threshold: int | None):
+#: plain arrays smaller than this that travel in the same message are copied
+#: into one shared segment (a *pack*) rather than one segment each
+_PACK_ITEM_MAX = 1 << 20
+#: ... as long as the pack stays this small (then the next pack begins)
+_PACK_MAX = 4 << 20
+_PACK_ALIGN = 64
+
+
+class _Pickler(pickle.Pickler):
+    """A pickler that sends shared (and large) numpy arrays as handles.
+
+    A plain array of at least ``threshold`` bytes is copied into shared memory
+    first.  Arrays under 1 MiB in one message share a segment (a *pack*): a
+    batch of a thousand results costs one descriptor and one mapping, not a
+    thousand; the pack's memory returns when the last of them is dropped.
+    Pack offsets are given out while pickling and the pack is filled after.
+
+    A segment the receiver already knows (``inherited``: it existed when the
+    receiver was forked) goes as a bare handle.  A segment whose descriptor
+    was closed (see ``memory._trim_fds``), or one past the message's share of
+    descriptors, goes as a handle with its data beside it: the receiver maps
+    the token if it knows it, else copies the data into a segment of its own.
+    A plain array past that share travels in the pickle.
+    """
+
+    def __init__(self, file: io.BytesIO, threshold: int | None, inherited: int = 0):
         super().__init__(file, protocol=5)
         self.threshold = threshold
+        self.inherited = inherited
         self.segments: list[memory._Segment] = []
+        self.tokens: set[str] = set()
+        self.packs: list[tuple[str, int, list]] = []  # (token, size, [(handle, array)])
+        self.max_fds = max(1, min(_MAX_FDS_PER_MESSAGE, memory._fd_budget // 2))
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, np.ndarray):
@@ -75,16 +108,55 @@ class _Pickler(pickle.Pickler):
         seg = memory._segment_of(obj)
         if seg is None:
             if (self.threshold is None or obj.nbytes < self.threshold
-                    or obj.dtype.hasobject or type(obj) is not np.ndarray):
+                    or obj.dtype.hasobject or type(obj) is not np.ndarray
+                    or len(self.tokens) + len(self.packs) >= self.max_fds):
                 return NotImplemented
+            if obj.nbytes < _PACK_ITEM_MAX:
+                return memory._rebuild, (self._pack(obj), None, np.ndarray)
             shared = memory.empty_like(obj, order="A")
             shared[...] = obj
             obj, seg = shared, _segment(shared)
             cls = np.ndarray
         else:
             cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
-        self.segments.append(seg)
+            if seg.serial <= self.inherited:
+                return memory._rebuild, (memory._handle(obj, seg), None, cls)
+        if seg.token not in self.tokens:
+            if seg.fd < 0 or len(self.tokens) + len(self.packs) >= self.max_fds:
+                return memory._rebuild, (memory._handle(obj, seg), memory._pickle_data(obj), cls)
+            self.tokens.add(seg.token)
+            self.segments.append(seg)
         return memory._rebuild, (memory._handle(obj, seg), None, cls)
+
+    def _pack(self, a: np.ndarray) -> tuple:
+        """Give ``a`` a place in the current pack; return its handle there."""
+        if not self.packs or self.packs[-1][1] + a.nbytes > _PACK_MAX:  # caller checked max_fds
+            self.packs.append((os.urandom(12).hex(), 0, []))
+        token, size, items = self.packs[-1]
+        order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+        handle = (token, size, a.shape, _strides(a.shape, a.itemsize, order), a.dtype)
+        items.append((handle, a))
+        self.packs[-1] = (token, -(-(size + a.nbytes) // _PACK_ALIGN) * _PACK_ALIGN, items)
+        return handle
+
+    def fill_packs(self) -> None:
+        """Make the packs handed out while pickling and copy their arrays in."""
+        for token, size, items in self.packs:
+            seg = memory._new_segment(size, token)
+            for handle, a in items:
+                np.copyto(memory._rebuild(handle, None, np.ndarray), a)
+            self.segments.append(seg)
+        self.packs = []
+
+
+def _strides(shape: tuple, itemsize: int, order: str) -> tuple:
+    """The strides of a contiguous array of this shape in this order."""
+    strides = []
+    step = itemsize
+    for n in (reversed(shape) if order == "C" else shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides)) if order == "C" else tuple(strides)
 
 
 def _segment(shared: memory.SharedArray) -> memory._Segment:
@@ -93,12 +165,25 @@ def _segment(shared: memory.SharedArray) -> memory._Segment:
     return seg
 
 
-def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD) -> tuple[bytes, list]:
+def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD,
+          inherited: int = 0) -> tuple[bytes, list]:
     """Pickle ``obj`` for a channel; return the body and the segments it uses."""
     buf = io.BytesIO()
-    p = _Pickler(buf, threshold)
-    p.dump(obj)
+    p = _Pickler(buf, threshold, inherited)
+    with _pinned():
+        p.dump(obj)
+        p.fill_packs()
     return buf.getvalue(), p.segments
+
+
+@contextlib.contextmanager
+def _pinned() -> Iterator[None]:
+    """Keep every segment's descriptor open meanwhile (see memory._trim_fds)."""
+    memory._pinned += 1
+    try:
+        yield
+    finally:
+        memory._pinned -= 1
 
 
 class Channel:
@@ -107,6 +192,9 @@ class Channel:
     def __init__(self, sock: socket.socket, threshold: int | None = DEFAULT_THRESHOLD):
         self.sock = sock
         self.threshold = threshold
+        #: segments numbered up to this are known to the other end (it was
+        #: forked after they were made): they cross without their descriptor
+        self.inherited = 0
         self._buf = bytearray()
         self._fds: deque[int] = deque()
 
@@ -121,13 +209,19 @@ class Channel:
     # -- sending -----------------------------------------------------------
     def send(self, obj: Any) -> None:
         """Pickle ``obj`` and send it (raises what pickling raises, sends nothing then)."""
-        body, segments = dumps(obj, self.threshold)
-        self.send_bytes(body, segments)
+        with _pinned():
+            body, segments = dumps(obj, self.threshold, self.inherited)
+            self.send_bytes(body, segments)
+        memory._trim_fds()
 
     def send_bytes(self, body: bytes, segments: list) -> None:
         unique = list({s.token: s for s in segments}.values())
         rows = [_SEGMENT.pack(s.token.encode(), len(s)) for s in unique]
         fds = [s.fd for s in unique]
+        if min(fds, default=0) < 0:
+            raise ValueError("a segment's descriptor was closed between dumps() and send_bytes()")
+        for s in unique:  # recently sent descriptors are the last to be closed
+            memory._FDS.move_to_end(s.token)
         spilled = None
         if len(body) > _INLINE_MAX:
             # a large body would block sendall until the other side reads it, and
@@ -143,6 +237,7 @@ class Channel:
         finally:
             if spilled is not None:
                 os.close(spilled)
+        memory._trim_fds()
 
     def _send_parts(self, head: bytes, rows: list, fds: list, body: bytes) -> None:
         if not fds:
@@ -196,14 +291,17 @@ class Channel:
                 segments.append(memory._adopt_segment(fd, length, token.decode()))
         body: Any = bytes(self._buf[start:start + size])
         del self._buf[:start + size]
-        if spilled is None:
-            return True, _loads(body)  # ``segments`` keeps the mappings alive until here
-        fd, length = spilled
         try:
-            with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
-                return True, _loads(body)
+            if spilled is None:
+                return True, _loads(body)  # ``segments`` keeps the mappings alive until here
+            fd, length = spilled
+            try:
+                with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
+                    return True, _loads(body)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            memory._trim_fds()
 
     def feed(self) -> list:
         """Read what is available (one ``recv``) and return the complete messages."""

@@ -6,9 +6,9 @@ inherits the mapping, so parent and children read and write the same pages.
 
 ::
 
-    empty((3, 4)) --> SharedArray --.base--> ... --> _Segment (an mmap.mmap)
+    empty((3, 4)) --> SharedArray --.base--> ... --> _Segment (libc mmap)
                                                       .token  random id
-                                                      .fd     the memfd
+                                                      .fd     the memfd, or -1
 
 Segments are found again by token in ``_SEGMENTS`` (a weak dictionary that a
 forked child inherits).  That is what pickling uses:
@@ -24,14 +24,17 @@ forked child inherits).  That is what pickling uses:
   stale address.
 
 Memory goes back to the operating system when the last view of a segment is
-gone: the mmap is unmapped by its own finalizer and the memfd is closed by a
-``weakref.finalize``.  The file descriptor is kept open while the segment
-lives because ``channel.py`` passes it to other processes (``SCM_RIGHTS``) so
-that results made in one worker can be mapped by the parent and by others.
+gone: a ``weakref.finalize`` unmaps it and closes its memfd.  The file
+descriptor is kept open while the segment lives because ``channel.py`` passes
+it to other processes (``SCM_RIGHTS``) so that results made in one worker can
+be mapped by the parent and by others -- but only up to half the limit on
+open files: past that the oldest descriptors are closed (the mappings stay),
+so tens of thousands of live arrays never exhaust descriptors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import mmap
@@ -40,6 +43,7 @@ import os
 import pickle
 import resource
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,56 +70,130 @@ _in_worker = False
 #: token -> live segment of this process (inherited by forked children).
 _SEGMENTS: weakref.WeakValueDictionary[str, _Segment] = weakref.WeakValueDictionary()
 
+#: token -> the open memfd of a live segment, oldest (least recently sent) first.
+#: A segment's mapping outlives its descriptor: when more than half the limit on
+#: open files is held here, :func:`_trim_fds` closes the oldest ones (such a
+#: segment then crosses a channel by value, see channel.py)
+_FDS: OrderedDict[str, int] = OrderedDict()
 
-class _Segment(mmap.mmap):
-    """A shared mapping of one memfd; the root ``base`` of every shared array."""
+#: how many descriptors _FDS may hold before _trim_fds closes some (half the limit)
+_fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
 
-    token: str
-    fd: int
-    address: int
+#: numbers segments in the order this process made or mapped them (a forked child
+#: knows every segment its parent had when it forked: see channel.Channel.inherited)
+_serial = 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _register(seg: _Segment, fd: int, token: str) -> _Segment:
-    seg.fd = fd
-    seg.token = token
-    seg.address = np.frombuffer(seg, np.uint8).ctypes.data
-    weakref.finalize(seg, os.close, fd)
-    _SEGMENTS[token] = seg
-    return seg
+class _Segment:
+    """A shared mapping of one memfd; the root ``base`` of every shared array.
+
+    It exposes its bytes through ``__array_interface__`` (``np.asarray(seg)``
+    is a uint8 view).  The mapping is made with libc's ``mmap`` rather than
+    Python's ``mmap.mmap``, which would keep a second descriptor (a ``dup``)
+    for every segment; here a segment costs one descriptor at most, and none
+    once :func:`_trim_fds` has closed it.
+    """
+
+    __slots__ = ("__array_interface__", "__weakref__", "address", "serial", "size", "token")
+
+    def __init__(self, fd: int, size: int, token: str):
+        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {size} bytes of shared memory failed: {os.strerror(err)}")
+        global _serial
+        _serial += 1
+        self.token = token
+        self.address = address
+        self.size = size
+        self.serial = _serial
+        self.__array_interface__ = {"data": (address, False), "shape": (size,),
+                                    "typestr": "|u1", "version": 3}
+        # not at exit: arrays still referenced then (module globals) must stay mapped
+        weakref.finalize(self, _release, token, fd, address, size).atexit = False
+        _FDS[token] = fd
+        _SEGMENTS[token] = self
+        _trim_fds()
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def fd(self) -> int:
+        """The open memfd, or -1 if :func:`_trim_fds` has closed it."""
+        return _FDS.get(self.token, -1)
 
 
-def _new_segment(nbytes: int) -> _Segment:
+def _release(token: str, fd: int, address: int, size: int) -> None:
+    if _FDS.get(token) == fd:
+        del _FDS[token]
+        os.close(fd)
+    _libc.munmap(address, size)
+
+
+#: while > 0, a channel is about to send descriptors: _trim_fds leaves them open
+_pinned = 0
+
+
+def _trim_fds() -> None:
+    """Close the oldest segments' descriptors when more than half the limit is held.
+
+    Runs when a segment is made or mapped, and after a channel has sent or
+    received.  The mappings stay; only sending such a segment to a process
+    that does not know it costs a copy (channel.py).
+    """
+    global _fd_budget
+    if len(_FDS) <= _fd_budget or _pinned:
+        return
+    _raise_fd_limit()
+    _fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+    while len(_FDS) > _fd_budget:
+        _token, fd = _FDS.popitem(last=False)
+        os.close(fd)
+
+
+def _new_segment(nbytes: int, token: str | None = None) -> _Segment:
     """Allocate a zero-filled segment of at least ``nbytes`` (>= 1) bytes."""
     size = max(int(nbytes), 1)  # mmap refuses length 0; zero-size arrays need a home too
     try:
         fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
     except OSError as e:
-        if e.errno != errno.EMFILE or not _raise_fd_limit():
+        if e.errno != errno.EMFILE:
             raise
+        _raise_fd_limit()
+        _trim_fds()
         fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        seg = _Segment(fd, size)
+        return _Segment(fd, size, token or os.urandom(12).hex())
     except BaseException as e:
         os.close(fd)
         if isinstance(e, OSError) and e.errno == errno.ENOMEM:
             # numpy.empty raises MemoryError here; callers catch that, not OSError
             raise MemoryError(f"Unable to allocate {size} bytes of shared memory") from e
         raise
-    return _register(seg, fd, os.urandom(12).hex())
 
 
 def _raise_fd_limit() -> bool:
     """Lift the soft limit on open files to the hard one; say if it rose.
 
-    Each live segment holds two descriptors (ours and the one ``mmap``
-    keeps), so thousands of live arrays need more than the usual soft limit
+    Thousands of live arrays need more descriptors than the usual soft limit
     of 1024.  Raising the soft limit up to the hard one needs no privilege.
     """
+    global _fd_budget
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft >= hard:
         return False
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
     return True
 
 
@@ -126,11 +204,10 @@ def _adopt_segment(fd: int, size: int, token: str) -> _Segment:
         os.close(fd)
         return seg
     try:
-        seg = _Segment(fd, size)
+        return _Segment(fd, size, token)
     except BaseException:
         os.close(fd)
         raise
-    return _register(seg, fd, token)
 
 
 def _segment_of(a: Any) -> _Segment | None:
@@ -155,7 +232,7 @@ def _view(seg: _Segment, offset: int, shape: tuple, strides: tuple | None, dtype
           cls: type | None = None) -> np.ndarray:
     if not math.prod(shape):
         offset, strides = 0, None
-    return np.ndarray.__new__(cls or SharedArray, shape, dtype, buffer=seg,
+    return np.ndarray.__new__(cls or SharedArray, shape, dtype, buffer=np.asarray(seg),
                               offset=offset, strides=strides)
 
 
@@ -328,7 +405,7 @@ def empty(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
         raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` "
                          "is larger than the maximum possible size.")
     seg = _new_segment(nbytes)
-    return np.ndarray.__new__(SharedArray, shape, dtype, buffer=seg,
+    return np.ndarray.__new__(SharedArray, shape, dtype, buffer=np.asarray(seg),
                               order=order)  # type: ignore[arg-type]
 
 

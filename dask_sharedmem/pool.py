@@ -352,6 +352,7 @@ class Workers:
                     mine.sock.close()
                     self._child(theirs, rank, parent, mask)
                 theirs.close()
+                mine.inherited = memory._serial  # the child knows every segment we have
                 self.pids.append(pid)
                 self.channels.append(mine)
                 self._alive.add(rank)

@@ -300,7 +300,7 @@ def test_large_array_travels_as_a_handle_not_in_the_pickle():
     assert segments == [] and len(body) > big.nbytes
     shared = sharedmem.copy(small)
     body, segments = channel.dumps({"a": shared, "b": shared[2:5]})
-    assert len(segments) == 2 and segments[0] is segments[1]  # one segment, sent once
+    assert len(segments) == 1  # one segment, listed (and sent) once
     assert len(body) < 1000
 
 
@@ -368,8 +368,8 @@ def test_hundreds_of_segments_in_one_message():
         arrays = chan.recv()
         for k, a in enumerate(arrays):
             a[...] = k
-        # and back: n fresh segments made in the worker
-        chan.send([np.full(10_000, k, dtype="i8") for k in range(n)])
+        # and back: n fresh segments made in the worker (plain arrays would share one pack)
+        chan.send([sharedmem.full(10_000, k, dtype="i8") for k in range(n)])
 
     with Workers(1, main) as w:
         arrays = [sharedmem.zeros(3, dtype="i8") for _ in range(n)]
@@ -381,3 +381,32 @@ def test_hundreds_of_segments_in_one_message():
         np.testing.assert_array_equal(arrays[k], k)
         np.testing.assert_array_equal(back[k], k)
         assert memory._segment_of(back[k]) is not None
+
+
+def test_segments_cross_by_handle_when_inherited_and_by_value_without_a_descriptor():
+    old = sharedmem.full(10, 7.0)  # exists when the worker forks: it knows this segment
+
+    def main(chan, rank):
+        while True:
+            a = chan.recv()
+            seg = memory._segment_of(a)
+            chan.send((float(a.sum()), seg is not None and seg.token))
+
+    with Workers(1, main) as w:
+        body, segments = channel.dumps(old, inherited=w.channels[0].inherited)
+        assert segments == []  # a bare handle: no descriptor travels
+        w.send(0, old)
+        total, token = poll_all(w, 1)[0]
+        assert total == 70.0 and token == memory._segment_of(old).token  # the same memory
+
+        late = sharedmem.full(10, 3.0)  # made after the fork: unknown to the worker
+        seg = memory._segment_of(late)
+        os.close(memory._FDS.pop(seg.token))  # as memory._trim_fds does under pressure
+        assert seg.fd == -1
+        body, segments = channel.dumps(late)
+        assert segments == [] and len(body) > late.nbytes  # the data travels in the message
+        w.send(0, late)
+        total, token = poll_all(w, 1)[0]
+        assert total == 30.0 and token != seg.token  # a copy in the worker's own segment
+        late[...] = 0  # still mapped here, though its descriptor is closed
+        assert late.sum() == 0
