@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 _BATCH_SECONDS = 0.02
-_PREFETCH_BELOW = 0.005  # seconds a range takes, under which a worker gets two at once
+_PREFETCH_BELOW = 0.005  # seconds a range takes, under which a worker always gets two at once
 _debug = False
 
 
@@ -620,9 +620,11 @@ class MapReduce:
                                 stopped = True
                             else:
                                 per_item = msg[3] / max(len(out), 1)
-                                # a second range in flight hides the round trip for
-                                # quick items; for slow ones it would only unbalance the tail
-                                depth = 2 if per_item * size_of(msg) < _PREFETCH_BELOW else 1
+                                # a second range in flight hides the round trip; for
+                                # slow items it could unbalance the tail, so only while
+                                # many items are left
+                                depth = (2 if per_item * size_of(msg) < _PREFETCH_BELOW
+                                         or n - cursor >= 4 * nworkers else 1)
                                 while len(inflight[rank]) < depth and cursor < n and not stopped:
                                     dispatch(rank)
                         elif kind == "ordered":

@@ -29,9 +29,11 @@ Dispatch::
     posttask callbacks; dispatch more
 
 Each worker has up to two batches in flight, so it never waits for the
-parent between tasks; a batch holds one task until the measured task time
-says that several fit in ``_BATCH_SECONDS`` (tiny tasks), and never more
-than a fair share of the ready tasks.  A worker's death is seen at once
+parent between tasks -- for slow tasks only while many are ready, since a
+second batch queued behind a slow one near the end leaves the other workers
+idle; a batch holds one task until the measured task time says that several
+fit in ``_BATCH_SECONDS`` (tiny tasks), and never more than a fair share of
+the ready tasks.  A worker's death is seen at once
 (EOF on its socket); the shared ``current`` array names the task it was
 running.
 """
@@ -66,7 +68,7 @@ from .pool import (
 __all__ = ["get"]
 
 _BATCH_SECONDS = 0.005
-_PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker gets two at once
+_PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None,
@@ -363,9 +365,9 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
-                # a second batch in flight hides the round trip for quick tasks;
-                # for slow ones it would only leave a worker idle at the end
-                depth = 2 if seconds < _PREFETCH_BELOW else 1
+                # a second batch in flight hides the round trip; for slow tasks it
+                # could leave a worker idle at the end, so only while many are ready
+                depth = 2 if seconds < _PREFETCH_BELOW or len(ready) >= 4 * nworkers else 1
                 for key, res in out:
                     finish(key, res, rank)
                 del out, key, res
