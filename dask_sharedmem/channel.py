@@ -113,7 +113,7 @@ class _Pickler(pickle.Pickler):
                 return NotImplemented
             if obj.nbytes < _PACK_ITEM_MAX:
                 return memory._rebuild, (self._pack(obj), None, np.ndarray)
-            shared = memory.empty_like(obj, order="A")
+            shared = memory._populate(memory.empty_like(obj, order="A"))
             shared[...] = obj
             obj, seg = shared, _segment(shared)
             cls = np.ndarray
@@ -143,6 +143,7 @@ class _Pickler(pickle.Pickler):
         """Make the packs handed out while pickling and copy their arrays in."""
         for token, size, items in self.packs:
             seg = memory._new_segment(size, token)
+            memory._populate(np.asarray(seg))
             for handle, a in items:
                 np.copyto(memory._rebuild(handle, None, np.ndarray), a)
             self.segments.append(seg)

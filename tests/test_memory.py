@@ -457,3 +457,25 @@ def test_large_concatenations_of_shared_arrays_stay_shared():
     assert np.concatenate([a, b], axis=None).shape == (300_000,)
     with pytest.raises(ValueError):
         np.concatenate([a, sm.ones((3, 3))])
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_a_large_concatenation_is_copied_by_several_threads_and_is_exact(monkeypatch, axis):
+    monkeypatch.setattr(memory, "_PARALLEL_MIN", 1 << 20)  # 8 inputs of ~0.3 MB: several threads
+    parts = [sm.full((300 + k, 200) if axis == 0 else (300, 200 + k), float(k), "f4")
+             for k in range(8)]
+    out = np.concatenate(parts, axis=axis)
+    expected = np.concatenate([np.asarray(p) for p in parts], axis=axis)
+    assert isinstance(out, SharedArray) and memory._segment_of(out) is not None
+    np.testing.assert_array_equal(out, expected)
+    assert np.concatenate(parts, axis=axis, dtype="f8").dtype == np.float64
+    with pytest.raises(ValueError, match="must match exactly"):  # numpy's error, not a thread's
+        np.concatenate([parts[0], sm.zeros((7, 7), "f4")], axis=axis)
+
+
+def test_populating_new_memory_is_skipped_where_the_kernel_refuses_it(monkeypatch):
+    monkeypatch.setattr(memory, "_MADV_POPULATE_WRITE", 12345)  # an advice no kernel knows
+    monkeypatch.setattr(memory, "_can_populate", True)
+    a = sm.full(1 << 20, 3.0)  # 8 MB: populated first, if the kernel lets us
+    assert memory._can_populate is False and a.sum() == 3.0 * (1 << 20)
+    assert sm.copy(a)[-1] == 3.0
