@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import os
+import textwrap
+import threading
 
 import pytest
 
@@ -41,6 +43,36 @@ def children(pid: int | None = None) -> dict[int, str]:
         if int(ppid) == pid:
             out[int(name)] = state
     return out
+
+
+def subprocess_script(body: str) -> str:
+    """A script for ``python -c`` that can use this module's helpers (``children()``)."""
+    return (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+            "from conftest import children\n" + textwrap.dedent(body))
+
+
+def status(field: str) -> int:
+    """A field of /proc/self/status in bytes (e.g. VmRSS, VmHWM, RssAnon)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class Unpicklable(Exception):
+    """An exception that pickle refuses (it holds a lock)."""
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+class TwoArgs(Exception):
+    """An exception whose pickle does not rebuild (its __init__ wants two arguments)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
 
 
 def running(pid: int) -> bool:

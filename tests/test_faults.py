@@ -34,7 +34,6 @@ import resource
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -43,7 +42,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import children, measured, running, snapshot
+from conftest import children, measured, running, snapshot, subprocess_script
 from dask.callbacks import Callback
 
 import dask_sharedmem
@@ -503,23 +502,12 @@ def test_large_inputs_and_results_both_ways(case):
 
 # -- the parent: Ctrl-C, killed --------------------------------------------------------
 
-PARENT_SCRIPT = textwrap.dedent("""
+PARENT_SCRIPT = subprocess_script("""
     import json, os, sys, time
     import dask_sharedmem
 
     engine, where, nested = sys.argv[1], sys.argv[2], sys.argv[3] == "nested"
 
-    def children():
-        out = []
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid():
-                out.append(int(name))
-        return out
 
     def run(tasks):
         if engine == "mapreduce":
@@ -541,7 +529,7 @@ PARENT_SCRIPT = textwrap.dedent("""
     try:
         run([sleeper, sleeper])
     except KeyboardInterrupt:
-        print(json.dumps(children()), flush=True)
+        print(json.dumps(sorted(children())), flush=True)
         raise
 """)
 

@@ -17,14 +17,13 @@ import resource
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import children, running
+from conftest import TwoArgs, Unpicklable, children, running, subprocess_script
 from dask.callbacks import Callback
 from dask.diagnostics import ProgressBar
 from numpy.testing import assert_almost_equal
@@ -481,17 +480,6 @@ def test_exception_in_func():
         assert_works(pool)
 
 
-class Unpicklable(Exception):
-    def __init__(self, msg):
-        super().__init__(msg)
-        self.lock = threading.Lock()
-
-
-class TwoArgs(Exception):
-    def __init__(self, a, b):
-        super().__init__(f"{a} and {b}")
-
-
 def raises_unpicklable(i):
     if i == 2:
         raise Unpicklable("cannot pickle me")
@@ -726,21 +714,10 @@ def test_bad_arguments_raise_before_forking(monkeypatch):
 
 # -- Ctrl-C and a killed parent, in a subprocess -------------------------------------------
 
-SCRIPT = textwrap.dedent("""
+SCRIPT = subprocess_script("""
     import os, sys, time
     import dask_sharedmem as sharedmem
 
-    def children():
-        out = []
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid():
-                out.append(int(name))
-        return out
 
     def work(i):
         with open(sys.argv[1], "a") as f:
@@ -751,7 +728,7 @@ SCRIPT = textwrap.dedent("""
         try:
             pool.map(work, range(4))
         except KeyboardInterrupt:
-            print("children after KeyboardInterrupt:", children(), flush=True)
+            print("children after KeyboardInterrupt:", sorted(children()), flush=True)
             raise
 """)
 

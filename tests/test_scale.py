@@ -19,7 +19,7 @@ import time
 import dask.threaded
 import numpy as np
 import pytest
-from conftest import measured, open_fds
+from conftest import measured, open_fds, status
 from dask.utils_test import inc
 
 import dask_sharedmem
@@ -28,14 +28,6 @@ from dask_sharedmem import MapReduce, memory
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("no_leaks")]
 
 MB = 1 << 20
-
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def measure(label, run):

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from operator import add
@@ -26,7 +25,7 @@ import dask.bag as db
 import dask.local
 import numpy as np
 import pytest
-from conftest import live_segments
+from conftest import live_segments, subprocess_script
 from dask.callbacks import Callback
 from dask.diagnostics import Profiler, ProgressBar, ResourceProfiler
 from dask.highlevelgraph import HighLevelGraph
@@ -792,7 +791,7 @@ def test_error_while_other_tasks_run():
 
 # -- Ctrl-C -------------------------------------------------------------------------
 
-CTRL_C_SCRIPT = textwrap.dedent("""
+CTRL_C_SCRIPT = subprocess_script("""
     import json, os, sys, time
     import dask_sharedmem
 
@@ -804,24 +803,12 @@ CTRL_C_SCRIPT = textwrap.dedent("""
         time.sleep(60)
         return i
 
-    def children():
-        me = str(os.getpid())
-        out = []
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if stat[stat.rindex(")") + 2:].split()[1] == me:
-                out.append(int(name))
-        return out
 
     dsk = {("slow", i): (slow, i) for i in range(4)}
     try:
         dask_sharedmem.get(dsk, list(dsk), num_workers=2)
     except KeyboardInterrupt:
-        print(json.dumps(children()), flush=True)
+        print(json.dumps(sorted(children())), flush=True)
         raise
     print("finished without KeyboardInterrupt", flush=True)
 """)

@@ -19,7 +19,7 @@ import time
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import children, live_segments, measured, open_fds
+from conftest import children, live_segments, measured, open_fds, status
 
 import dask_sharedmem
 from dask_sharedmem import MapReduce
@@ -32,15 +32,6 @@ MB = 1 << 20
 SLACK = 16 * MB
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + N), pytest.mark.usefixtures("no_leaks")]
-
-
-def status(field):
-    """A field of /proc/self/status in bytes (e.g. VmRSS, RssAnon)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def resources():
