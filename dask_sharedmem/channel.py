@@ -180,11 +180,13 @@ def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD,
 @contextlib.contextmanager
 def _pinned() -> Iterator[None]:
     """Keep every segment's descriptor open meanwhile (see memory._trim_fds)."""
-    memory._pinned += 1
+    with memory._FDS_LOCK:
+        memory._pinned += 1
     try:
         yield
     finally:
-        memory._pinned -= 1
+        with memory._FDS_LOCK:
+            memory._pinned -= 1
 
 
 class Channel:
@@ -221,8 +223,7 @@ class Channel:
         fds = [s.fd for s in unique]
         if min(fds, default=0) < 0:
             raise ValueError("a segment's descriptor was closed between dumps() and send_bytes()")
-        for s in unique:  # recently sent descriptors are the last to be closed
-            memory._FDS.move_to_end(s.token)
+        memory._recently_used(s.token for s in unique)  # the last to be closed
         spilled = None
         if len(body) > _INLINE_MAX:
             # a large body would block sendall until the other side reads it, and

@@ -76,6 +76,9 @@ _SEGMENTS: weakref.WeakValueDictionary[str, _Segment] = weakref.WeakValueDiction
 #: open files is held here, :func:`_trim_fds` closes the oldest ones (such a
 #: segment then crosses a channel by value, see channel.py)
 _FDS: OrderedDict[str, int] = OrderedDict()
+#: guards _FDS and the closing of its descriptors (reentrant: a segment's
+#: finalizer may run, through the garbage collector, while it is held)
+_FDS_LOCK = threading.RLock()
 
 #: how many descriptors _FDS may hold before _trim_fds closes some (half the limit)
 _fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
@@ -126,7 +129,8 @@ class _Segment:
                                     "typestr": "|u1", "version": 3}
         # not at exit: arrays still referenced then (module globals) must stay mapped
         weakref.finalize(self, _release, token, fd, address, size).atexit = False
-        _FDS[token] = fd
+        with _FDS_LOCK:
+            _FDS[token] = fd
         _SEGMENTS[token] = self
         _trim_fds()
 
@@ -163,9 +167,10 @@ def _populate(a: _A) -> _A:
 
 
 def _release(token: str, fd: int, address: int, size: int) -> None:
-    if _FDS.get(token) == fd:
-        del _FDS[token]
-        os.close(fd)
+    with _FDS_LOCK:
+        if _FDS.get(token) == fd:  # else _trim_fds closed it already
+            del _FDS[token]
+            os.close(fd)
     _libc.munmap(address, size)
 
 
@@ -185,9 +190,27 @@ def _trim_fds() -> None:
         return
     _raise_fd_limit()
     _fd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
-    while len(_FDS) > _fd_budget:
-        _token, fd = _FDS.popitem(last=False)
-        os.close(fd)
+    with _FDS_LOCK:
+        while len(_FDS) > _fd_budget:
+            _token, fd = _FDS.popitem(last=False)
+            os.close(fd)
+
+
+def _recently_used(tokens: Iterable[str]) -> None:
+    """Move these segments' descriptors to the end of the queue that _trim_fds closes from."""
+    with _FDS_LOCK:
+        for token in tokens:
+            if token in _FDS:
+                _FDS.move_to_end(token)
+
+
+def _after_fork_in_child() -> None:
+    global _pinned, _FDS_LOCK
+    _pinned = 0  # another thread of the parent may have been sending
+    _FDS_LOCK = threading.RLock()  # ... or holding the lock
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _new_segment(nbytes: int, token: str | None = None) -> _Segment:

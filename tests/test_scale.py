@@ -160,6 +160,28 @@ assert all((b == 2 * i).all() for i, b in enumerate(back))
 late = [dask_sharedmem.full(8192, i) for i in range(n)]
 dsk = {"late": (check, *late)}
 assert dask_sharedmem.get(dsk, "late", num_workers=1)
+# threads that make, send and drop segments while others do the same
+import threading
+errors = []
+
+def churn(k):
+    try:
+        a, b = channel.pair()
+        for i in range(300):
+            x = dask_sharedmem.full(100, k * 1000 + i)
+            a.send([x, np.full(20_000, i)])
+            y, z = b.recv()
+            assert y[0] == k * 1000 + i and z[-1] == i
+        a.close(); b.close()
+    except BaseException as e:
+        errors.append(e)
+
+threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+assert memory._pinned == 0
+
 del mine, parts, back, late, dsk
 gc.collect()
 left = (len(memory._SEGMENTS), len(memory._FDS))
