@@ -8,6 +8,7 @@ hang) and under the ``no_leaks`` check (no child, descriptor or segment left).
 import contextlib
 import errno
 import faulthandler
+import gc
 import os
 import pickle
 import resource
@@ -407,3 +408,27 @@ def test_segments_cross_by_handle_when_inherited_and_by_value_without_a_descript
         assert total == 30.0 and token != seg.token  # a copy in the worker's own segment
         late[...] = 0  # still mapped here, though its descriptor is closed
         assert late.sum() == 0
+
+
+def test_small_arrays_in_one_message_share_a_pack_freed_with_the_last_of_them():
+    a, b = channel.pair()
+    try:
+        a.send([np.full(10_000, k) for k in range(3)] + [np.arange(200_000.0)])  # 80 KB x3, 1.6 MB
+        got = b.recv()
+        packs = {memory._segment_of(x).token for x in got[:3]}
+        big = memory._segment_of(got[3]).token
+        assert len(packs) == 1 and big not in packs  # one pack; 1 MiB and more: a segment each
+        assert [int(x[0]) for x in got[:3]] == [0, 1, 2]
+        (token,) = packs
+        del got[3]
+        gc.collect()
+        assert big not in memory._SEGMENTS
+        del got[:2]
+        gc.collect()
+        assert token in memory._SEGMENTS  # the third array still holds the pack
+        del got
+        gc.collect()
+        assert token not in memory._SEGMENTS
+    finally:
+        a.close()
+        b.close()
