@@ -113,9 +113,8 @@ class _Pickler(pickle.Pickler):
                 return NotImplemented
             if obj.nbytes < _PACK_ITEM_MAX:
                 return memory._rebuild, (self._pack(obj), None, np.ndarray)
-            shared = memory._populate(memory.empty_like(obj, order="A"))
-            shared[...] = obj
-            obj, seg = shared, _segment(shared)
+            obj = memory.copy(obj)  # keeps a Fortran-ordered array's order
+            seg = _segment(obj)
             cls = np.ndarray
         else:
             cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
@@ -215,7 +214,7 @@ class Channel:
         with _pinned():
             body, segments = dumps(obj, self.threshold, self.inherited)
             self.send_bytes(body, segments)
-        memory._trim_fds()
+        memory._trim_fds()  # what segments made while pinned left over the budget
 
     def send_bytes(self, body: bytes, segments: list) -> None:
         unique = list({s.token: s for s in segments}.values())
@@ -239,7 +238,6 @@ class Channel:
         finally:
             if spilled is not None:
                 os.close(spilled)
-        memory._trim_fds()
 
     def _send_parts(self, head: bytes, rows: list, fds: list, body: bytes) -> None:
         if not fds:
@@ -293,17 +291,14 @@ class Channel:
                 segments.append(memory._adopt_segment(fd, length, token.decode()))
         body: Any = bytes(self._buf[start:start + size])
         del self._buf[:start + size]
+        if spilled is None:
+            return True, _loads(body)  # ``segments`` keeps the mappings alive until here
+        fd, length = spilled
         try:
-            if spilled is None:
-                return True, _loads(body)  # ``segments`` keeps the mappings alive until here
-            fd, length = spilled
-            try:
-                with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
-                    return True, _loads(body)
-            finally:
-                os.close(fd)
+            with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
+                return True, _loads(body)
         finally:
-            memory._trim_fds()
+            os.close(fd)
 
     def feed(self) -> list:
         """Read what is available (one ``recv``) and return the complete messages."""

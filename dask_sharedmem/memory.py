@@ -181,9 +181,9 @@ _pinned = 0
 def _trim_fds() -> None:
     """Close the oldest segments' descriptors when more than half the limit is held.
 
-    Runs when a segment is made or mapped, and after a channel has sent or
-    received.  The mappings stay; only sending such a segment to a process
-    that does not know it costs a copy (channel.py).
+    Runs when a segment is made or mapped, and after a channel has sent.
+    The mappings stay; only sending such a segment to a process that does not
+    know it costs a copy (channel.py).
     """
     global _fd_budget
     if len(_FDS) <= _fd_budget or _pinned:
@@ -434,10 +434,10 @@ def _parallel_concatenate(arrays: list, ax: int, shape: list, dtype: np.dtype,
     groups: list[tuple[int, int, list]] = []  # (start, stop along ax, inputs)
     start = done = 0
     group: list = []
-    for a in arrays:
+    for k, a in enumerate(arrays):
         group.append(a)
         done += a.nbytes
-        if done * parts >= total * (len(groups) + 1) or a is arrays[-1]:
+        if done * parts >= total * (len(groups) + 1) or k == len(arrays) - 1:
             stop = start + sum(g.shape[ax] for g in group)
             groups.append((start, stop, group))
             start, group = stop, []

@@ -42,7 +42,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import children, measured, running, snapshot, subprocess_script
+from conftest import TwoArgs, Unpicklable, children, measured, running, snapshot, subprocess_script
 from dask.callbacks import Callback
 
 import dask_sharedmem
@@ -411,18 +411,7 @@ def test_unpicklable_input_of_a_task(consumer, case):
     still_works("scheduler")
 
 
-class LockedError(Exception):
-    def __init__(self, message):
-        super().__init__(message)
-        self.lock = threading.Lock()
-
-
-class TwoArgsError(Exception):
-    def __init__(self, a, b):
-        super().__init__(f"{a} and {b}")
-
-
-@pytest.mark.parametrize("error", [LockedError("holds a lock"), TwoArgsError("one", "two")],
+@pytest.mark.parametrize("error", [Unpicklable("holds a lock"), TwoArgs("one", "two")],
                          ids=["cannot-pickle", "cannot-unpickle"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_unpicklable_exception(engine, error, case):

@@ -464,7 +464,12 @@ def test_a_large_concatenation_is_copied_by_several_threads_and_is_exact(monkeyp
     monkeypatch.setattr(memory, "_PARALLEL_MIN", 1 << 20)  # 8 inputs of ~0.3 MB: several threads
     parts = [sm.full((300 + k, 200) if axis == 0 else (300, 200 + k), float(k), "f4")
              for k in range(8)]
+    calls = []
+    parallel = memory._parallel_concatenate
+    monkeypatch.setattr(memory, "_parallel_concatenate",
+                        lambda *args: calls.append(args[-1]) or parallel(*args))
     out = np.concatenate(parts, axis=axis)
+    assert calls and calls[0] >= 2  # the threaded copy ran, in parts
     expected = np.concatenate([np.asarray(p) for p in parts], axis=axis)
     assert isinstance(out, SharedArray) and memory._segment_of(out) is not None
     np.testing.assert_array_equal(out, expected)
@@ -479,3 +484,25 @@ def test_populating_new_memory_is_skipped_where_the_kernel_refuses_it(monkeypatc
     a = sm.full(1 << 20, 3.0)  # 8 MB: populated first, if the kernel lets us
     assert memory._can_populate is False and a.sum() == 3.0 * (1 << 20)
     assert sm.copy(a)[-1] == 3.0
+
+
+def resident_bytes(address):
+    """Rss of the mapping that starts at ``address`` (from /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and ":" not in line.split()[0]:
+                inside = int(line.split("-")[0], 16) == address
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(hex(address))
+
+
+def test_populating_maps_every_page_of_a_new_segment_without_writing():
+    a = sm.empty(4 << 20, "u1")  # 4 MB, never touched
+    seg = memory._segment_of(a)
+    assert resident_bytes(seg.address) == 0
+    memory._populate(a)
+    if memory._can_populate:  # kernels before 5.14 refuse; then nothing to check
+        assert resident_bytes(seg.address) == seg.size
+    assert not a.any()  # still zeros
