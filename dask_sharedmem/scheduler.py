@@ -54,7 +54,7 @@ from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
 
-from . import channel, memory
+from . import channel, forksafe, memory
 from .pool import (
     UnreadableResult,
     WorkerDied,
@@ -199,18 +199,25 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         started: list = []
         succeeded = False
         try:
-            keyorder = order(dsk)
-            state = start_state_from_dask(dsk, cache=cache, keys=wanted, sortkey=keyorder.get)
-            if state["waiting"] and not state["ready"]:
-                raise ValueError("Found no accessible jobs in dask")
-            ntasks = len(state["ready"]) + len(state["waiting"])
-            if ntasks:
-                _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
-                     start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, started)
-            else:
-                for f in start_cbs:
-                    f(dsk)
-                    started.append(f)
+            while True:
+                keyorder = order(dsk)
+                state = start_state_from_dask(dsk, cache=cache, keys=wanted,
+                                              sortkey=keyorder.get)
+                if state["waiting"] and not state["ready"]:
+                    raise ValueError("Found no accessible jobs in dask")
+                ntasks = len(state["ready"]) + len(state["waiting"])
+                if not ntasks:
+                    for f in start_cbs:
+                        f(dsk)
+                        started.append(f)
+                    break
+                try:
+                    _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
+                         start_cbs if not started else [], start_state_cbs, pretask_cbs,
+                         posttask_cbs, started)
+                except _GraphChanged:  # fork again, with what the callbacks put in
+                    continue
+                break
             succeeded = True
         finally:
             if started:
@@ -220,6 +227,10 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         return nested_get(keys, _plain(state["cache"], wanted))
     finally:
         state.clear()
+
+
+class _GraphChanged(Exception):
+    """A ``start`` callback changed the graph after the workers were forked."""
 
 
 def _plain(cache: dict, wanted: set) -> dict:
@@ -233,6 +244,16 @@ def _plain(cache: dict, wanted: set) -> dict:
 def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
          threshold: int | None, start_cbs: list, start_state_cbs: list,
          pretask_cbs: list, posttask_cbs: list, started: list) -> None:
+    """Fork the workers and run the graph on them.
+
+    ``start`` callbacks run after the fork, since they may start threads
+    (ProgressBar) or processes (ResourceProfiler) that forked workers must not
+    inherit; one that changes the graph (``dask.cache.Cache`` puts cached
+    values in) raises :class:`_GraphChanged`, so that the caller forks again
+    with the new graph, as dask's own schedulers would run it.
+    """
+    before = dict(dsk) if start_cbs else None
+    runnable, targets = forksafe.prepare(dsk)
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
@@ -263,13 +284,13 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 if forked:
                     data.update((d, cache[d]) for d in dependencies[key] if d in forked)
                 try:
-                    res = dsk[key](data)
+                    res = runnable[key](data)
                 except BaseException as e:
                     chan.send(("error", key, pack_exception(e)))
                     return
                 out.append((key, res if keep else None))
             t1 = time.perf_counter()
-            _send_results(chan, out, t1 - t0 + sending)
+            _send_results(chan, out, t1 - t0 + sending, forksafe.take_writes())
             sending = time.perf_counter() - t1
             del batch, out, data, res
 
@@ -306,7 +327,9 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             while True:
                 deps = state["dependencies"][key]
                 data = {d: cache[d] for d in deps if d != chained and d not in forked}
-                nxt = follow(key) if len(batch) < _CHAIN_MAX else None
+                # posttask callbacks (dask.cache.Cache, CacheProfiler) are shown every
+                # result, which a chain keeps in the worker: no chains for them
+                nxt = follow(key) if len(batch) < _CHAIN_MAX and not posttask_cbs else None
                 batch.append((counter, key, data, chained, nxt is None))
                 numbered[counter] = key
                 numbers.append(counter)
@@ -326,15 +349,18 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             else:
                 ready.remove(key)
             start(key)
-        cache[key] = res
+        cache[key] = forksafe.resolve(targets, res)
         finish_task(dsk, key, state, wanted, keyorder.get)
         for f in posttask_cbs:
             f(key, res, dsk, state, rank)
 
     with Workers(nworkers, worker_main, threshold) as w:
-        for f in start_cbs:  # after the fork: callbacks may start threads
+        for f in start_cbs:
             f(dsk)
             started.append(f)
+        if before is not None and (len(before) != len(dsk) or any(
+                dsk.get(k, before) is not v for k, v in before.items())):
+            raise _GraphChanged
         for f in start_state_cbs:
             f(dsk, state)
         for _ in range(2):
@@ -361,7 +387,9 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     if lost:
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
-                _, out, seconds = msg
+                _, out, seconds, writes = msg
+                if writes:
+                    forksafe.apply(targets, writes)
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
@@ -376,10 +404,11 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                         dispatch(other)
 
 
-def _send_results(chan: channel.Channel, out: list, seconds: float) -> None:
-    """Send a batch's results; name the task whose result cannot be pickled."""
+def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list) -> None:
+    """Send a batch's results (and its stores' writes, see forksafe.py); name the
+    task whose result cannot be pickled."""
     try:
-        chan.send(("done", out, seconds))
+        chan.send(("done", out, seconds, writes))
     except Exception:
         for key, res in out:
             try:

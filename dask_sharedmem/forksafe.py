@@ -1,0 +1,262 @@
+"""What fork skips, put right: a dask graph is audited before workers are forked.
+
+Forked workers find the graph in their own memory, exactly as it is in the
+parent.  Two things that give the right answer with dask's threads (and, by
+pickling, with its ``processes`` scheduler and dask.distributed) would then
+go silently wrong; :func:`prepare` rewrites the graph so that they do not:
+
+1. **Objects that prepare for another process only when pickled.**  dask's
+   disk shuffle (dask.dataframe's ``merge``, ``set_index``, ``shuffle``,
+   ``sort_values`` without a distributed client) creates its partd store with
+   ``maybe_buffered_partd``, which buffers in memory unless it was pickled:
+   forked workers would each fill a private buffer that never reaches the
+   files the others read.  Such objects are replaced by their own pickle
+   round trip before the fork, so workers get what another process would;
+   the partd store itself is made by the caller before the fork (its files
+   are removed when the caller exits, as with threads).
+
+2. **Writes to memory that is private to the parent.**  ``da.store`` (and
+   through it ``to_hdf5``, ``to_zarr`` and xarray's ``to_netcdf``) writes
+   each chunk into its target with ``dask.array.core.load_store_chunk``.  A
+   worker writing into its copy-on-write copy of a numpy array, or through
+   its inherited copy of an HDF5 or netCDF library's state, writes nothing
+   the caller will see.  So the store function is swapped for
+   :func:`_store_chunk`, which writes in place only where every process sees
+   the write (a shared array, a ``numpy.memmap`` opened ``r+``/``w+``); for
+   any other target the worker computes the chunk and hands it to the parent
+   with the task's result, and the parent writes it into the real target
+   under the store's own lock, before the task counts as done::
+
+       parent                                   worker
+       ------                                   ------
+       prepare(): targets[i] = (out, lock)
+                  load_store_chunk ->
+                  partial(_store_chunk, i)
+       fork ------------------------------------>  _store_chunk(i, x, out, ...)
+                                                     out shared: out[index] = x
+                                                     else: _WRITES.append((i, index, x))
+       apply(targets, writes)  <-- "done" ------  take_writes()
+         with lock: out[index] = x
+
+   The chunk crosses in shared memory like any large result: one copy more
+   than threads make, and the writes themselves run one at a time in the
+   parent, which is also what the store's lock asks for.
+
+Targets that the graph computes (a ``Delayed`` target) do not exist in the
+parent before the run; a store into one that is not shared raises a clear
+error instead of writing into a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import pickle
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from dask._task_spec import Alias, DataNode, GraphNode, Task, TaskRef, _execute_subgraph
+
+from . import memory
+
+#: types whose objects are replaced by their pickle round trip before the fork
+#: (module, qualified name): only the modules the graph can hold are imported
+_PICKLE_FIRST = {("dask.dataframe.shuffle", "maybe_buffered_partd")}
+
+#: writes a worker's store tasks left for the parent: (target id, index, value)
+_WRITES: list[tuple[int, Any, Any]] = []
+
+
+class _Stored:
+    """What a store task with ``return_stored=True`` returns from a worker: the target."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self, ident: int):
+        self.ident = ident
+
+    def __reduce__(self) -> tuple:
+        return _Stored, (self.ident,)
+
+
+def prepare(dsk: Mapping) -> tuple[Mapping, list]:
+    """The graph to fork with, and the store targets the parent writes for workers.
+
+    The graph is copied only if something in it needs a change.  Targets are
+    ``(target, lock)`` pairs, numbered as :func:`_store_chunk` names them.
+
+    >>> import operator
+    >>> dsk = {"x": Task("x", operator.add, 1, 2)}
+    >>> prepare(dsk)[0] is dsk
+    True
+    """
+    store = getattr(sys.modules.get("dask.array.core"), "load_store_chunk", None)
+    pickled = tuple(t for t in (getattr(sys.modules.get(m), n, None) for m, n in _PICKLE_FIRST)
+                    if isinstance(t, type))
+    if store is None and not pickled:
+        return dsk, []
+    audit = _Audit(dsk, store, pickled)
+    changed = {}
+    for key, node in dsk.items():
+        new = audit.node(node, None)
+        if new is not node:
+            changed[key] = new
+    if not changed:
+        return dsk, []
+    return {**dsk, **changed}, audit.targets
+
+
+class _Audit:
+    def __init__(self, dsk: Mapping, store: Any, pickled: tuple):
+        self.dsk = dsk
+        self.store = store
+        self.pickled = pickled
+        self.targets: list[tuple[Any, Any]] = []
+        self.signature = inspect.signature(store) if store is not None else None
+
+    def node(self, node: Any, scope: dict | None) -> Any:
+        """``node`` with every hazard in it replaced (the same object if none).
+
+        ``scope`` maps the keys of an enclosing subgraph to the nodes that give
+        them their values, so that a store's target can be found in the parent.
+        """
+        if isinstance(node, Task):
+            func, args, kwargs = node.func, node.args, node.kwargs
+            if func is _execute_subgraph:
+                inner, _, inkeys, *deps = args
+                inner_scope = {**(scope or {}), **inner, **dict(zip(inkeys, deps, strict=True))}
+                new_inner = {k: self.node(v, inner_scope) for k, v in inner.items()}
+                if any(new_inner[k] is not v for k, v in inner.items()):
+                    args = (new_inner, *args[1:])
+            else:
+                new_args = tuple(self.node(a, scope) for a in args)
+                if any(a is not b for a, b in zip(new_args, args, strict=True)):
+                    args = new_args
+            if kwargs:
+                new_kwargs = {k: self.node(v, scope) for k, v in kwargs.items()}
+                if any(new_kwargs[k] is not v for k, v in kwargs.items()):
+                    kwargs = new_kwargs
+            if func is self.store:
+                func = self._store(node, scope)
+            elif isinstance(func, self.pickled):
+                func = self._value(func)
+                if not args and not kwargs:
+                    # a partd store made in a worker would be that worker's (its
+                    # temporary directory is removed at its exit, which never
+                    # comes): made here, it is the caller's, as with threads
+                    return DataNode(node.key, func())
+            if func is node.func and args is node.args and kwargs is node.kwargs:
+                return node
+            new = copy.copy(node)
+            new.func, new.args, new.kwargs = func, args, kwargs
+            new._token = new._repr = None
+            return new
+        if isinstance(node, DataNode):
+            if isinstance(node.value, self.pickled):
+                return DataNode(node.key, self._value(node.value))
+            return node
+        if isinstance(node, self.pickled):
+            return self._value(node)
+        return node
+
+    def _value(self, obj: Any) -> Any:
+        return pickle.loads(pickle.dumps(obj))
+
+    def _store(self, node: Task, scope: dict | None) -> functools.partial:
+        """Register the target of a ``load_store_chunk`` task; the function that replaces it."""
+        assert self.signature is not None
+        bound = self.signature.bind(*node.args, **node.kwargs).arguments
+        out = self._resolve(bound.get("out"), scope)
+        lock = self._resolve(bound.get("lock"), scope)
+        ident = None
+        if out is not _UNKNOWN:
+            ident = len(self.targets)
+            self.targets.append((out, None if lock is _UNKNOWN else lock))
+        return functools.partial(_store_chunk, ident)
+
+    def _resolve(self, arg: Any, scope: dict | None, depth: int = 0) -> Any:
+        """The value ``arg`` will have when the task runs, if the parent knows it now."""
+        if depth > 100:
+            return _UNKNOWN
+        if isinstance(arg, DataNode):
+            return arg.value
+        if isinstance(arg, (TaskRef, Alias)):
+            key = arg.target if isinstance(arg, Alias) else arg.key
+            if scope is not None and key in scope:
+                return self._resolve(scope[key], None, depth + 1)
+            if key in self.dsk:
+                return self._resolve(self.dsk[key], None, depth + 1)
+            return _UNKNOWN
+        if isinstance(arg, GraphNode):  # computed while the graph runs
+            return _UNKNOWN
+        return arg
+
+
+_UNKNOWN = object()
+
+
+def _in_place(out: Any) -> bool:
+    """Whether a write into ``out`` in a worker is seen by every process."""
+    if not isinstance(out, np.ndarray):
+        return False
+    if memory._segment_of(out) is not None:
+        return True
+    base: Any = out
+    while base is not None:
+        if isinstance(base, np.memmap):
+            return base.mode in ("r+", "w+")
+        base = getattr(base, "base", None)
+    return False
+
+
+def _store_chunk(ident: int | None, x: Any, out: Any, index: Any, region: Any, lock: Any,
+                 return_stored: bool, load_stored: bool) -> Any:
+    """``load_store_chunk`` in a worker: in place if shared, else through the parent."""
+    from dask.array.core import fuse_slice, load_store_chunk
+
+    if _in_place(out) or not memory._in_worker:
+        return load_store_chunk(x, out, index, region, lock, return_stored, load_stored)
+    if ident is None:
+        raise RuntimeError(
+            f"da.store into a {type(out).__module__}.{type(out).__qualname__} that the graph "
+            "itself computes: a worker process would write into its own copy, which nobody "
+            "sees. Make the target before computing (it is then written by the calling "
+            "process), or store into shared memory (dask_sharedmem.empty), or use "
+            "scheduler='threads'.")
+    if region:
+        index = fuse_slice(region, index) if index else region
+    if x is not None and x.size != 0:
+        _WRITES.append((ident, index, x))
+    if not return_stored:
+        return None
+    if not load_stored:
+        return _Stored(ident)
+    stored = np.array(out[index], copy=True)
+    stored[...] = x
+    return stored
+
+
+def take_writes() -> list:
+    """The writes this worker's store tasks left for the parent since the last call."""
+    writes = _WRITES[:]
+    _WRITES.clear()
+    return writes
+
+
+def apply(targets: list, writes: list) -> None:
+    """Write what workers computed into the parent's targets, each under its lock."""
+    from dask.array.core import load_store_chunk
+
+    for ident, index, x in writes:
+        out, lock = targets[ident]
+        load_store_chunk(x, out, index, None, lock, False, False)
+
+
+def resolve(targets: list, result: Any) -> Any:
+    """A task's result as the parent must see it: a store's target, not its stand-in."""
+    if isinstance(result, _Stored):
+        return targets[result.ident][0]
+    return result
