@@ -19,13 +19,24 @@ at the measured cost per item, but never more than an eighth of a worker's
 share of what is left, so that 100,000 trivial items cost a handful of
 messages and a few slow ones still spread over all workers.
 
-``critical`` is a POSIX record lock (``lockf``) on a memfd made before the
-fork: it excludes processes, and the kernel drops it if its holder dies.
+``critical`` is a POSIX record lock (``lockf``) on a memfd, taken under an
+RLock that excludes the threads of one process.  One memfd serves every map
+of the pool running at once (maps started from several threads, or from a
+``reduce``); their workers inherit it, and so do the workers of a map nested
+in a worker, so the block excludes them all.  The kernel drops the lock if
+its holder dies.  The memfd is made when the first map starts and closed
+when the last one ends.  The items of a map started inside the block cannot
+enter it (the block waits for the map): they raise ``RuntimeError``.
+
 ``ordered`` is arbitrated by the parent: a worker asks to enter for item
 ``i`` and the parent answers once every item before ``i`` has left the
-block or finished without entering it.  Each worker writes the index it is
-working on into a small shared array, so that if it dies the error names the
-item.
+block or finished without entering it.  As in OpenMP the block runs at most
+once per item: a second entry in the same item, or one nested in the block,
+would wait for a turn that has passed, so it raises ``RuntimeError`` in the
+worker, as it does with threads and in serial mode.
+
+Each worker writes the index it is working on into a small shared array, so
+that if it dies the error names the item.
 """
 
 from __future__ import annotations
@@ -196,61 +207,167 @@ def _check_np(np: Any) -> int:
 
 
 class _Critical:
-    """``with pool.critical:`` -- at most one worker inside at a time."""
+    """``with pool.critical:`` -- one worker inside at a time, across all the pool's maps.
+
+    Two locks, because neither excludes everything alone.  An RLock excludes
+    the threads of one process.  A POSIX record lock (``lockf``) on a memfd
+    excludes processes: it belongs to a process (so it cannot tell two of its
+    threads apart), a forked child does not inherit it, and the kernel drops
+    it when its holder dies.  Every map of the pool running in this process
+    shares one memfd, and the workers of every map, nested ones too, inherit
+    it, so they all lock the same file.  It is made when the first map starts
+    and closed when the last ends: an idle pool holds no descriptor, without
+    relying on ``with`` or the garbage collector to close it.
+    """
 
     def __init__(self) -> None:
-        self._fd: int | None = None
         self._lock = threading.RLock()
+        self._fd: int | None = None
+        self._maps = 0  # maps of this pool running in this process, which share _fd
+        # .depth: how deep this thread is in the block (only the outermost entry
+        # locks the file: a process's record lock is not counted);
+        # .barred: this thread runs the items of a map started inside the block
+        self._tls = threading.local()
 
-    def _open(self) -> int | None:
-        # returns the lock it replaces: a map of this same pool nested in one
-        # of its workers must hand that worker its own lock back when it ends
-        outer, self._fd = self._fd, os.memfd_create("dask_sharedmem-critical", os.MFD_CLOEXEC)
+    def _inside(self) -> bool:
+        """Whether a map started by this thread now must keep its items out.
+
+        They would wait forever for this thread to leave the block, and it
+        waits for the map.
+        """
+        return getattr(self._tls, "depth", 0) > 0 or getattr(self._tls, "barred", False)
+
+    def _bar(self, barred: bool) -> bool:
+        """Set whether this thread's items are barred; return what it was."""
+        outer, self._tls.barred = getattr(self._tls, "barred", False), barred
         return outer
 
-    def _close(self, outer: int | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd = outer
+    def _open(self) -> bool:
+        """A map of processes starts: share the memfd; return :meth:`_inside`.
+
+        Under the RLock, so that no other thread is in the block while the
+        file comes and goes; a file made while this thread is in the block
+        need not be locked, as the map's workers are barred.
+        """
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.memfd_create("dask_sharedmem-critical", os.MFD_CLOEXEC)
+            self._maps += 1
+            return self._inside()
+
+    def _close(self) -> None:
+        """A map of processes ended and reaped its workers."""
+        with self._lock:
+            self._maps -= 1
+            if not self._maps and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _forked(self, barred: bool) -> None:
+        """In a new worker: the parent's threads, and its record lock, are not here."""
+        self._lock = threading.RLock()
+        self._tls.depth = 0
+        self._tls.barred = barred
 
     def __enter__(self) -> _Critical:
+        if getattr(self._tls, "barred", False):
+            raise RuntimeError(
+                "pool.critical was entered by an item of a map that was started inside "
+                "pool.critical: it would wait forever for the block, which waits for the "
+                "map; start the map outside the critical block")
         self._lock.acquire()
-        if self._fd is not None:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        depth = getattr(self._tls, "depth", 0)
+        if not depth and self._fd is not None:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            except BaseException:  # Ctrl-C while waiting
+                self._lock.release()
+                raise
+        self._tls.depth = depth + 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
+        self._tls.depth -= 1
+        if not self._tls.depth and self._fd is not None:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
         self._lock.release()
 
 
 class _Ordered:
-    """``with pool.ordered:`` -- the block runs in the order of the items.
+    """``with pool.ordered:`` -- the block runs in the order of the items, once per item.
 
-    In a worker, entering asks the parent (which arbitrates) and waits for
-    its go-ahead; in serial mode items already run in order.  Threads use a
-    condition over the same bookkeeping (:class:`_Turns`).
+    It acts on the :class:`_Item` that this thread is running (none outside
+    a map: then it does nothing).
     """
 
     def __init__(self) -> None:
-        self._worker: _WorkerContext | None = None
-        self._turns: _Turns | None = None
-        self._tls = threading.local()
+        self._tls = threading.local()  # .item: the _Item this thread runs
+
+    def _run(self, item: _Item | None) -> _Item | None:
+        """Make ``item`` this thread's; return the one it replaces (a map in a map)."""
+        outer, self._tls.item = getattr(self._tls, "item", None), item
+        return outer
 
     def __enter__(self) -> _Ordered:
-        if self._worker is not None:
-            self._worker.enter_ordered()
-        elif self._turns is not None:
-            self._turns.wait_for(self._tls.item)
+        item = getattr(self._tls, "item", None)
+        if item is not None:
+            item.enter_ordered()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._worker is not None:
-            self._worker.exit_ordered()
-        elif self._turns is not None:
-            self._tls.entered = True
-            self._turns.mark(self._tls.item, self._tls.item + 1)
+        item = getattr(self._tls, "item", None)
+        if item is not None:
+            item.exit_ordered()
+
+
+class _Item:
+    """The item a thread is running, as ``pool.ordered`` sees it.
+
+    An ordered block runs at most once per item (as in OpenMP): a second
+    entry would wait for a turn that has passed, so it raises instead, in
+    every mode.  In serial mode items already run in order, so there is no
+    turn to wait for; threads wait on their map's :class:`_Turns`; worker
+    processes ask the parent (:class:`_WorkerContext`).
+
+    >>> item = _Item(); item.item = 3
+    >>> item.enter_ordered(); item.exit_ordered()
+    >>> item.enter_ordered()
+    Traceback (most recent call last):
+    RuntimeError: pool.ordered was entered a second time in item 3: ...
+    """
+
+    def __init__(self) -> None:
+        self.item = -1
+        self.entered = False
+
+    def enter_ordered(self) -> None:
+        if self.entered:
+            raise RuntimeError(
+                f"pool.ordered was entered a second time in item {self.item}: an ordered "
+                "block runs at most once per item; enter it once per item (not in a loop, "
+                "not inside itself)")
+        self.entered = True
+        self._wait_turn()
+
+    def _wait_turn(self) -> None:
+        pass
+
+    def exit_ordered(self) -> None:
+        pass
+
+
+class _ThreadItem(_Item):
+    """A worker thread's item: its turn comes from its map's :class:`_Turns`."""
+
+    def __init__(self, turns: _Turns):
+        super().__init__()
+        self.turns = turns
+
+    def _wait_turn(self) -> None:
+        self.turns.wait_for(self.item)
+
+    def exit_ordered(self) -> None:
+        self.turns.mark(self.item, self.item + 1)
 
 
 class _Turns:
@@ -282,21 +399,20 @@ class _Turns:
             self._cond.wait_for(lambda: self.next >= item)
 
 
-class _WorkerContext:
+class _WorkerContext(_Item):
     """A worker's side of one map: its channel, current item, ordered state."""
 
     def __init__(self, chan: Any, rank: int):
+        super().__init__()
         self.chan = chan
         self.rank = rank
-        self.item = -1
-        self.entered = False
         self.skipped: list[int] = []  # finished without entering ordered, not yet reported
         self.stash: collections.deque = collections.deque()
 
     def recv(self) -> Any:
         return self.stash.popleft() if self.stash else self.chan.recv()
 
-    def enter_ordered(self) -> None:
+    def _wait_turn(self) -> None:
         self.chan.send(("ordered", self.item, self.skipped))
         self.skipped = []
         while True:
@@ -306,7 +422,6 @@ class _WorkerContext:
             self.stash.append(msg)
 
     def exit_ordered(self) -> None:
-        self.entered = True
         self.chan.send(("ordered_exit", self.item))
 
 
@@ -385,9 +500,16 @@ class MapReduce:
     np : int
         The number of workers.
     critical : context manager
-        ``with pool.critical:`` lets one worker at a time into the block.
+        ``with pool.critical:`` lets one worker at a time into the block,
+        among the workers of all the maps of this pool running at once
+        (from other threads, from a ``reduce``, nested in a worker).  The
+        items of a map started inside the block raise ``RuntimeError`` if
+        they enter it, as they would wait forever.
     ordered : context manager
-        ``with pool.ordered:`` runs the block in the order of the items.
+        ``with pool.ordered:`` runs the block in the order of the items, at
+        most once per item: entering it again in the same item raises
+        ``RuntimeError`` (wrapped in :class:`WorkerException` like any
+        error of an item, except in serial mode).
     local : namespace
         ``pool.local.rank`` is the worker's number, 0..np-1 (0 in serial mode).
 
@@ -496,12 +618,16 @@ class MapReduce:
                 progress: _Progress | None) -> list:
         out = []
         errored = True
+        here = _Item()
+        outer_item = self.ordered._run(here)
+        outer_barred = self.critical._bar(self.critical._inside())
         if progress:
             progress.begin()
         try:
             for i in range(len(sequence)):
                 if progress:
                     progress.dispatched(i, i + 1)
+                here.item, here.entered = i, False
                 try:
                     r = call(sequence[i])
                 except StopProcessGroup:
@@ -511,6 +637,8 @@ class MapReduce:
                 out.append(finish(r))
             errored = False
         finally:
+            self.ordered._run(outer_item)
+            self.critical._bar(outer_barred)
             if progress:
                 progress.end(errored)
         return out
@@ -532,8 +660,9 @@ class MapReduce:
 
         def worker_main(chan: Any, rank: int) -> None:
             self.local.rank = rank
+            self.critical._forked(barred)
             ctx = _WorkerContext(chan, rank)
-            self.ordered._worker = ctx
+            self.ordered._run(ctx)
             while True:
                 start, stop = ctx.recv()
                 t0 = time.perf_counter()
@@ -579,7 +708,7 @@ class MapReduce:
             if rank is not None:
                 w.send(rank, "go")
 
-        outer_critical = self.critical._open()
+        barred = self.critical._open()
         errored = True
         try:
             with Workers(nworkers, worker_main) as w:
@@ -640,7 +769,7 @@ class MapReduce:
                             raise _worker_exception(msg[2])
             errored = False
         finally:
-            self.critical._close(outer_critical)
+            self.critical._close()
             if progress:
                 progress.end(errored)
         if stopped:
@@ -657,11 +786,14 @@ class MapReduce:
         items = iter(range(n))
         failure: list = []
         stopped = threading.Event()
-        turns = self.ordered._turns = _Turns()
+        turns = _Turns()
+        barred = self.critical._inside()
 
         def worker(rank: int) -> None:
             self.local.rank = rank
-            tls = self.ordered._tls
+            self.critical._bar(barred)
+            here = _ThreadItem(turns)
+            self.ordered._run(here)
             while not failure and not stopped.is_set():
                 with lock:
                     i = next(items, None)
@@ -669,7 +801,7 @@ class MapReduce:
                         progress.dispatched(i, i + 1)
                 if i is None:
                     return
-                tls.item, tls.entered = i, False
+                here.item, here.entered = i, False
                 in_reduce = False
                 try:
                     r = call(sequence[i])
@@ -685,7 +817,7 @@ class MapReduce:
                     with lock:
                         failure.append((e, in_reduce))
                 finally:
-                    if not tls.entered:
+                    if not here.entered:
                         turns.mark(i, i + 1)
                 if stopped.is_set() or failure:
                     turns.mark(0, n)  # release anyone waiting in ordered
@@ -700,7 +832,6 @@ class MapReduce:
             for t in threads:
                 t.join()
         finally:
-            self.ordered._turns = None
             if progress:
                 progress.end(bool(failure))
         if failure:

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import TwoArgs, Unpicklable, children, running, subprocess_script
+from conftest import TwoArgs, Unpicklable, children, open_fds, running, subprocess_script
 from dask.callbacks import Callback
 from dask.diagnostics import ProgressBar
 from numpy.testing import assert_almost_equal
@@ -285,6 +285,201 @@ def test_ordered_serial_and_threads(make):
 
         assert pool.map(work, range(30)) == list(range(30))
     assert log == list(range(1, 30, 2))
+
+
+# -- ordered entered twice, critical across maps --------------------------------------
+
+ENTRY_POOLS = {**POOLS, "debug": lambda: MapReduce(np=2)}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("how", ["again", "nested"])
+@pytest.mark.parametrize("kind", ENTRY_POOLS)
+def test_ordered_entered_twice_in_one_item_raises(kind, how, request):
+    if kind == "debug":
+        request.getfixturevalue("debug")
+    log = sharedmem.full(12, -1, dtype="i8")
+    pos = sharedmem.zeros((), dtype="i8")
+    with ENTRY_POOLS[kind]() as pool:
+        def work(i):
+            with pool.ordered:
+                log[int(pos)] = i
+                pos[...] += 1
+                if i == 3 and how == "nested":
+                    with pool.ordered:
+                        pass
+            if i == 3 and how == "again":
+                with pool.ordered:
+                    pass
+            return i
+
+        if kind in ("serial", "debug"):  # serial mode raises what the item raised, unwrapped
+            with pytest.raises(RuntimeError) as info:
+                pool.map(work, range(12))
+            reason = info.value
+        else:
+            with pytest.raises(WorkerException) as info:
+                pool.map(work, range(12))
+            reason = info.value.reason
+        assert type(reason) is RuntimeError
+        assert "item 3" in str(reason) and "once per item" in str(reason)
+        assert_works(pool)
+    assert log[:4].tolist() == [0, 1, 2, 3]  # the first entry ran, in order
+
+
+def count_under_critical(pool, counter, sleep=0.001):
+    """A work function whose read-modify-write of ``counter`` loses updates without exclusion."""
+    def work(i):
+        with pool.critical:
+            value = int(counter)
+            time.sleep(sleep)
+            counter[...] = value + 1
+        return i
+
+    return work
+
+
+def critical_fds():
+    return sum("dask_sharedmem-critical" in target for target in open_fds().values())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", POOLS)
+def test_critical_excludes_two_maps_at_once_from_two_threads(kind):
+    n = 100
+    counter = sharedmem.zeros((), dtype="i8")
+    both = threading.Barrier(2, timeout=20)
+    fds = []
+    with POOLS[kind]() as pool:
+        work = count_under_critical(pool, counter)
+
+        def reduce(i):
+            if i == 0:
+                both.wait()  # both maps are running
+                fds.append(critical_fds())
+            return i
+
+        outs = [None, None]
+
+        def run(k):
+            outs[k] = pool.map(work, range(n), reduce=reduce)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outs == [list(range(n))] * 2
+        assert int(counter) == 2 * n
+    if kind == "processes":
+        assert fds == [1, 1]  # one lock for both maps
+    assert critical_fds() == 0  # and none once no map runs
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", POOLS)
+def test_critical_excludes_a_map_run_inside_reduce(kind):
+    n = 100
+    counter = sharedmem.zeros((), dtype="i8")
+    inner = []
+    with POOLS[kind]() as pool:
+        work = count_under_critical(pool, counter)
+
+        def outer(i):  # long: the items in flight count all through the inner map
+            for _ in range(20):
+                work(i)
+            return i
+
+        def reduce(i):
+            if i == 0:
+                inner.append(pool.map(work, range(n)))
+            return i
+
+        assert pool.map(outer, range(8), reduce=reduce) == list(range(8))
+    assert inner == [list(range(n))]
+    assert int(counter) == 8 * 20 + n
+
+
+@pytest.mark.timeout(30)
+def test_critical_excludes_a_map_of_the_same_pool_nested_in_a_worker():
+    counter = sharedmem.zeros((), dtype="i8")
+    with MapReduce(np=2) as pool:
+        work = count_under_critical(pool, counter)
+
+        def outer(i):
+            if i == 0:  # its workers count while the other outer worker does
+                return sum(pool.map(work, range(40)))
+            return work(i)
+
+        assert pool.map(outer, range(40)) == [sum(range(40))] + list(range(1, 40))
+    assert int(counter) == 39 + 40
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", POOLS)
+def test_critical_nested_in_itself_keeps_excluding(kind):
+    counter = sharedmem.zeros((), dtype="i8")
+    with POOLS[kind]() as pool:
+        def work(i):
+            with pool.critical:
+                with pool.critical:
+                    pass
+                value = int(counter)  # still inside the outer block
+                time.sleep(0.001)
+                counter[...] = value + 1
+            return i
+
+        assert pool.map(work, range(60)) == list(range(60))
+    assert int(counter) == 60
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ENTRY_POOLS)
+def test_critical_in_a_map_started_inside_critical_raises(kind, request):
+    if kind == "debug":
+        request.getfixturevalue("debug")
+    counter = sharedmem.zeros((), dtype="i8")
+    with ENTRY_POOLS[kind]() as pool:
+        work = count_under_critical(pool, counter, sleep=0)
+        with pool.critical:
+            assert pool.map(square, range(4)) == [0, 1, 4, 9]  # items that stay out are fine
+            if kind in ("serial", "debug"):
+                with pytest.raises(RuntimeError, match="inside pool.critical") as info:
+                    pool.map(work, range(4))
+                reason = info.value
+            else:
+                with pytest.raises(WorkerException) as info:
+                    pool.map(work, range(4))
+                reason = info.value.reason
+        assert type(reason) is RuntimeError and "start the map outside" in str(reason)
+        assert pool.map(work, range(4)) == list(range(4))  # and outside, they enter
+    assert int(counter) == 4
+
+
+@pytest.mark.timeout(30)
+def test_ordered_in_two_thread_maps_at_once():
+    logs = [[], []]
+    outs = [None, None]
+    both = threading.Barrier(2, timeout=20)
+    with MapReduceByThread(np=3) as pool:
+        def run(k):
+            def work(i):
+                if i == 0:
+                    both.wait()  # both maps are running
+                time.sleep(0.001 * ((i * 7) % 5))
+                with pool.ordered:
+                    logs[k].append(i)
+                return i
+
+            outs[k] = pool.map(work, range(30))
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert outs == [list(range(30))] * 2
+    assert logs == [list(range(30))] * 2
 
 
 def test_local_rank():
