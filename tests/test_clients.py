@@ -50,21 +50,21 @@ def frames():
 
 
 DATAFRAME = {
-    "merge": lambda l, r: l.merge(r, on="k"),
-    "merge_self": lambda l, r: l.merge(l[["k", "y"]].head(500, npartitions=-1), on="k"),
-    "join": lambda l, r: l.set_index("k").join(r.set_index("k")),
-    "set_index": lambda l, r: l.set_index("y"),
-    "shuffle": lambda l, r: l.shuffle("k"),
-    "sort_values": lambda l, r: l.sort_values(["y", "x"]),
-    "groupby_agg": lambda l, r: l.groupby("k").agg({"x": ["sum", "mean"], "y": "max"}),
-    "groupby_apply": lambda l, r: l.groupby("k").apply(
+    "merge": lambda df, other: df.merge(other, on="k"),
+    "merge_self": lambda df, other: df.merge(df[["k", "y"]].head(500, npartitions=-1), on="k"),
+    "join": lambda df, other: df.set_index("k").join(other.set_index("k")),
+    "set_index": lambda df, other: df.set_index("y"),
+    "shuffle": lambda df, other: df.shuffle("k"),
+    "sort_values": lambda df, other: df.sort_values(["y", "x"]),
+    "groupby_agg": lambda df, other: df.groupby("k").agg({"x": ["sum", "mean"], "y": "max"}),
+    "groupby_apply": lambda df, other: df.groupby("k").apply(
         lambda g: (g.x * g.y).sum() / len(g), meta=("v", "f8")),
-    "drop_duplicates": lambda l, r: l[["k", "s"]].drop_duplicates(),
-    "value_counts": lambda l, r: l.s.value_counts(),
-    "rolling": lambda l, r: l.x.rolling(5).mean(),
-    "cumsum": lambda l, r: l.y.cumsum(),
-    "describe": lambda l, r: l[["x", "y"]].describe(),
-    "nunique": lambda l, r: l.groupby("s").k.nunique(),
+    "drop_duplicates": lambda df, other: df[["k", "s"]].drop_duplicates(),
+    "value_counts": lambda df, other: df.s.value_counts(),
+    "rolling": lambda df, other: df.x.rolling(5).mean(),
+    "cumsum": lambda df, other: df.y.cumsum(),
+    "describe": lambda df, other: df[["x", "y"]].describe(),
+    "nunique": lambda df, other: df.groupby("s").k.nunique(),
 }
 
 
