@@ -251,7 +251,8 @@ class Channel:
             sent = self.sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, group)])
             if sent < len(part):
                 self.sock.sendall(part[sent:])
-        self.sock.sendall(body)
+        if body:  # a spilled message is complete: its reader may have left already
+            self.sock.sendall(body)
 
     # -- receiving ---------------------------------------------------------
     def _read(self) -> None:

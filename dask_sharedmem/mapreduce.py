@@ -170,7 +170,11 @@ class WorkerException(Exception):
             reason = Exception(reason)
         self.reason = reason
         self.traceback = traceback
-        super().__init__(f"{type(reason).__name__}: {reason}\n{traceback}")
+        try:
+            message = str(reason)
+        except Exception as e:  # a broken __str__ must not hide the exception itself
+            message = f"<str() failed with {type(e).__name__}>"
+        super().__init__(f"{type(reason).__name__}: {message}\n{traceback}")
 
     def __reduce__(self) -> tuple:
         # the default (type, args) would call __init__ with the message alone;

@@ -24,20 +24,32 @@ per call)::
 * Workers ignore SIGINT (Ctrl-C is the parent's decision), ask the kernel to
   SIGKILL them if the parent dies (``PR_SET_PDEATHSIG``), and leave with
   ``os._exit`` so that no atexit handler or inherited buffer runs twice.
-* ``close`` (normal end) closes the sockets: workers read EOF and exit 0.
+* ``close`` (normal end) closes the sockets: workers read EOF (or find the
+  socket closed as they send) and exit 0.
   ``kill`` (any error, KeyboardInterrupt included) SIGKILLs them.  Both reap
   every worker before returning, so no zombie or orphan outlives a session.
 
-Exceptions raised in a worker travel as :func:`pack_exception` tuples and are
-rebuilt by :func:`unpack_exception` with the worker's traceback attached as
-``__cause__`` (as ``concurrent.futures`` does); an exception that cannot make
-the round trip through pickle is replaced by one that keeps its type name,
-message and traceback text.
+Exceptions raised in a worker travel as :func:`pack_exception` tuples: the
+worker's formatted traceback, and the exception pickled by
+:class:`_ExceptionPickler`.  Plain pickle rebuilds an exception as
+``cls(*args)``, which fails or formats the message twice when ``__init__``
+takes other arguments, and drops ``__cause__`` and ``__context__``, unless
+tblib's pickling is installed (``distributed`` does).  This pickler rebuilds every
+exception in the message from its ``args`` and ``__dict__`` without calling a
+Python ``__init__``, with its chain, whatever is imported; what does not pickle
+(an attribute, a cause) is left out and named in the traceback text, and
+``str()`` is never needed.  :func:`unpack_exception` attaches the worker's
+traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
+followed by the original cause.  Only an exception that still cannot make the
+round trip (its ``args`` do not pickle, the parent cannot import its class) is
+replaced by a :class:`LostException` that keeps its type name, message and
+traceback text.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
 import numbers
 import os
 import pickle
@@ -47,6 +59,7 @@ import socket
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -209,20 +222,125 @@ class LostException(Exception):
     """Stands in for a worker's exception that could not be pickled."""
 
 
+_BUILTIN = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType)
+
+
+def _reduces_itself(cls: type) -> bool:
+    """Whether ``cls`` has a ``__reduce__`` written in Python: it knows its own arguments."""
+    return not (isinstance(cls.__reduce__, _BUILTIN) and isinstance(cls.__reduce_ex__, _BUILTIN))
+
+
+def _new_exception(cls: type, init_args: tuple, args: tuple) -> BaseException:
+    """Rebuild an exception the way ``cls(*init_args)`` would, minus every
+    ``__init__`` written in Python: those take their own arguments, not ``args``.
+
+    The built-in ``__init__`` still runs, for the fields of built-in bases
+    that live outside ``__dict__`` (``OSError.errno``, ``SystemExit.code``).
+    """
+    exc = cls.__new__(cls, *init_args)
+    init = next(vars(k)["__init__"] for k in cls.__mro__
+                if isinstance(vars(k).get("__init__"), types.WrapperDescriptorType))
+    init(exc, *init_args)
+    exc.args = args
+    return exc
+
+
+def _chained(make: Callable, make_args: tuple, cause: BaseException | None,
+             context: BaseException | None, suppress: bool) -> BaseException:
+    exc = make(*make_args)
+    exc.__cause__, exc.__context__ = cause, context
+    exc.__suppress_context__ = suppress
+    return exc
+
+
+class _ExceptionPickler(pickle.Pickler):
+    """Pickles exceptions, at any depth, so that they rebuild as they were raised.
+
+    Plain pickle rebuilds an exception as ``cls(*args)``, which fails or gives
+    another message when ``__init__`` takes other arguments, and drops
+    ``__cause__`` and ``__context__``; tblib (which ``distributed`` installs)
+    changes both, so what came back would depend on what was imported.  Here
+    an exception is rebuilt by :func:`_new_exception` with its ``args`` and
+    ``__dict__``, and its chain -- unless its class has a ``__reduce__`` of its
+    own, which is then used as it is.
+
+    ``lenient``: attributes, causes and contexts that do not pickle are left
+    out, and described in ``dropped``.
+    """
+
+    def __init__(self, file: io.BytesIO, lenient: bool = False):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.lenient = lenient
+        self.dropped: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, BaseException):
+            return NotImplemented
+        cls = type(obj)
+        reduced = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        if isinstance(reduced, str):
+            return NotImplemented
+        make, make_args, *rest = reduced
+        if make is cls and not _reduces_itself(cls):
+            make, make_args = _new_exception, (cls, make_args, obj.args)
+        cause, context = obj.__cause__, obj.__context__
+        if self.lenient:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if rest and isinstance(rest[0], dict):
+                rest[0] = {key: value for key, value in rest[0].items()
+                           if self._keeps(value, f"attribute {key!r} of {name}")}
+            cause = cause if self._keeps(cause, f"the __cause__ of {name}") else None
+            context = context if self._keeps(context, f"the __context__ of {name}") else None
+        return (_chained, (make, make_args, cause, context, obj.__suppress_context__), *rest)
+
+    def _keeps(self, value: Any, what: str) -> bool:
+        try:
+            _dumps(value, lenient=True)
+        except Exception as e:
+            self.dropped.append(f"{what} ({type(e).__name__}: {e})")
+            return False
+        return True
+
+
+def _dumps(obj: Any, lenient: bool = False) -> tuple[bytes, list[str]]:
+    """Pickle with :class:`_ExceptionPickler`; raise unless it also unpickles."""
+    buf = io.BytesIO()
+    pickler = _ExceptionPickler(buf, lenient)
+    pickler.dump(obj)
+    pickle.loads(buf.getvalue())
+    return buf.getvalue(), pickler.dropped
+
+
 def pack_exception(exc: BaseException) -> tuple:
-    """Turn the exception being handled into something that surely pickles."""
+    """Turn an exception into ``(pickle or None, type name, message, traceback)``.
+
+    It never raises, whatever ``exc`` does when pickled or printed.
+    """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)  # the parent must be able to rebuild it, too
-    except Exception:
-        blob = None
-    return (blob, name, str(exc), tb)
+        message = str(exc)
+    except Exception as e:  # not str(e): that could fail too
+        message = f"<str() failed with {type(e).__name__}>"
+    blob: bytes | None = None
+    for lenient in (False, True):
+        try:
+            blob, dropped = _dumps(exc, lenient)
+        except Exception:
+            continue
+        if dropped:
+            tb += ("\n(left out of the exception sent to the parent, as they could not "
+                   "be pickled: " + "; ".join(dropped) + ")\n")
+        break
+    return (blob, name, message, tb)
 
 
 def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
-    """Rebuild a packed exception; say whether its type survived."""
+    """Rebuild a packed exception; say whether its type survived.
+
+    Its ``__cause__`` becomes the worker's traceback, whose own ``__cause__``
+    is the exception's original cause.
+    """
     blob, name, message, tb = packed
     exc: BaseException | None = None
     if blob is not None:
@@ -234,7 +352,9 @@ def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
     if exc is None:
         exc = LostException(f"{name}: {message} (the exception could not be pickled; "
                             "its type is lost, its message and traceback are kept)")
-    exc.__cause__ = RemoteTraceback(tb)
+    remote = RemoteTraceback(tb)
+    remote.__cause__ = exc.__cause__
+    exc.__cause__ = remote
     return exc, lost
 
 
@@ -373,8 +493,8 @@ class Workers:
                 sibling.sock.close()
             self.main(chan, rank)
             code = 0
-        except EOFError:  # the parent closed our socket: the session is over
-            code = 0
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            code = 0  # the parent closed our socket: the session is over
         except BaseException:
             traceback.print_exc()
         finally:

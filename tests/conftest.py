@@ -75,6 +75,38 @@ class TwoArgs(Exception):
         super().__init__(f"{a} and {b}")
 
 
+class Formatted(Exception):
+    """An exception whose plain pickle rebuilds it wrong (its __init__ formats its argument)."""
+
+    def __init__(self, value):
+        super().__init__(f"bad value {value}")
+        self.value = value
+
+
+class BadStr(Exception):
+    """An exception whose ``str()`` raises."""
+
+    def __str__(self):
+        raise RuntimeError("BadStr has no str()")
+
+
+def seen(exc, cause=None, top=True):
+    """What a caller can see of an exception: type, args, str(), attributes, its chain.
+
+    ``cause`` stands for the top one's ``__cause__``: an exception rebuilt from
+    a worker has the worker's traceback there, and its original cause next.
+    """
+    if exc is None:
+        return None
+    try:
+        text = str(exc)
+    except Exception as e:
+        text = f"str() raises {e!r}"
+    return (type(exc), exc.args, text, vars(exc),
+            seen(cause if top else exc.__cause__, top=False), seen(exc.__context__, top=False),
+            None if top else exc.__suppress_context__)
+
+
 def running(pid: int) -> bool:
     """Whether ``pid`` exists and has not ended (a zombie has ended)."""
     try:

@@ -12,13 +12,14 @@ import gc
 import os
 import pickle
 import resource
+import select
 import signal
 import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import TwoArgs, Unpicklable, children, running
+from conftest import BadStr, Formatted, TwoArgs, Unpicklable, children, running, seen
 
 import dask_sharedmem as sharedmem
 from dask_sharedmem import channel, memory
@@ -151,6 +152,17 @@ def test_send_to_a_dead_worker_leaves_the_report_to_poll():
             w.poll()
 
 
+def test_worker_exits_quietly_when_the_session_ended_before_it_sent(capfd):
+    def main(chan, rank):
+        select.select([chan.sock], [], [])  # readable at EOF: the parent has ended the session
+        chan.send("too late")  # BrokenPipeError
+
+    with Workers(1, main) as w:
+        pid = w.pids[0]
+    assert not running(pid)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def sigint_workers_and_echo(w):
     for pid in w.pids:
         os.kill(pid, signal.SIGINT)
@@ -236,38 +248,125 @@ def test_describe_status():
 
 # -- remote exceptions ----------------------------------------------------------
 
-def packed(exc):
+class Missing(FileNotFoundError):
+    """A built-in base whose fields (errno, filename) live outside ``__dict__``."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOENT, "no such thing", path)
+
+
+def raise_chained():
     try:
-        raise exc
+        raise KeyError("first")
+    except KeyError:
+        raise Formatted(7) from TwoArgs(1, 2)
+
+
+def raise_(exc):
+    raise exc
+
+
+def caught(call, *args):
+    try:
+        call(*args)
     except BaseException as e:
-        return pack_exception(e)
+        return e
+    raise AssertionError(f"{call} raised nothing")
+
+
+def round_trip(exc):
+    """``exc`` packed, sent through a channel's pickle and unpacked."""
+    exc, lost = unpack_exception(pickle.loads(channel.dumps(pack_exception(exc))[0]))
+    assert not lost and isinstance(exc.__cause__, RemoteTraceback)
+    return exc
 
 
 def test_exception_round_trip_keeps_type_and_traceback():
-    exc, lost = unpack_exception(pickle.loads(pickle.dumps(packed(KeyError("k")))))
-    assert not lost and type(exc) is KeyError and exc.args == ("k",)
-    assert isinstance(exc.__cause__, RemoteTraceback)
-    assert "in packed" in exc.__cause__.tb and "KeyError" in exc.__cause__.tb
+    exc = round_trip(caught(raise_, KeyError("k")))
+    assert type(exc) is KeyError and exc.args == ("k",)
+    assert "in raise_" in exc.__cause__.tb and "KeyError" in exc.__cause__.tb
     assert "worker process" in str(exc.__cause__)
 
 
-@pytest.mark.parametrize("exc, text", [
-    (Unpicklable("cannot pickle me"), "Unpicklable: cannot pickle me"),
-    (TwoArgs(1, 2), "TwoArgs: 1 and 2"),
-])
-def test_unpicklable_exception_keeps_name_message_traceback(exc, text):
-    try:  # tblib's pickling support (installed by dask.multiprocessing) rebuilds TwoArgs
-        pickle.loads(pickle.dumps(exc))
-        survives = True
-    except Exception:
-        survives = False
-    kind = type(exc)
-    exc, lost = unpack_exception(pickle.loads(pickle.dumps(packed(exc))))
-    if survives:
-        assert not lost and type(exc) is kind and text.split(": ", 1)[1] in str(exc)
-    else:
-        assert lost and isinstance(exc, LostException) and text in str(exc)
-    assert "in packed" in exc.__cause__.tb
+@pytest.mark.parametrize("raises, args", [
+    (raise_, (Formatted(7),)),
+    (raise_, (TwoArgs(1, 2),)),
+    (raise_, (BadStr("unprintable"),)),
+    (raise_chained, ()),
+    (raise_, (Missing("/nowhere"),)),
+    (raise_, (SystemExit(3),)),
+    (raise_, (WorkerDied(1, 2, "exited with code 3", "task 'x'"),)),
+], ids=["formats-its-argument", "two-arguments", "str-raises", "chained", "oserror-fields",
+        "builtin", "own-reduce"])
+def test_exception_round_trip_is_the_same_exception(raises, args):
+    """Pickle calls ``cls(*args)``: wrong or impossible when __init__ takes other arguments."""
+    exc = caught(raises, *args)
+    back = round_trip(exc)
+    assert seen(back, back.__cause__.__cause__) == seen(exc, exc.__cause__)
+    assert "in raise" in back.__cause__.tb
+    if isinstance(exc, OSError):
+        assert (back.errno, back.strerror, back.filename) == (errno.ENOENT, "no such thing",
+                                                             "/nowhere")
+
+
+def test_exception_whose_str_raises_does_not_kill_the_worker():
+    def main(chan, rank):
+        chan.recv()
+        try:
+            raise BadStr("unprintable")
+        except BadStr as e:
+            chan.send(pack_exception(e))
+        chan.recv()  # a dead worker would end the session with WorkerDied
+
+    with Workers(1, main) as w:
+        w.send(0, "go")
+        exc, lost = unpack_exception(poll_all(w, 1)[0])
+    assert not lost and type(exc) is BadStr and exc.args == ("unprintable",)
+    assert "BadStr: <" in exc.__cause__.tb and "str() failed>" in exc.__cause__.tb
+
+
+def test_what_does_not_pickle_is_left_out_and_named():
+    error = Unpicklable("holds a lock")
+    error.note = "kept"
+    error.__context__ = Unpicklable("so does its context")
+    error.__cause__ = ValueError(threading.Lock())  # its args cannot be pickled at all
+    back = round_trip(caught(raise_, error))
+    assert type(back) is Unpicklable and back.args == ("holds a lock",)
+    assert vars(back) == {"note": "kept"}
+    context = back.__context__
+    assert type(context) is Unpicklable and context.args == ("so does its context",)
+    assert vars(context) == {}
+    assert back.__cause__.__cause__ is None  # the original cause did not pickle
+    left_out = back.__cause__.tb.split("left out of the exception sent to the parent")[1]
+    assert left_out.count("attribute 'lock' of conftest.Unpicklable") == 2
+    assert "the __cause__ of conftest.Unpicklable" in left_out
+
+
+def test_exception_that_does_not_pickle_keeps_name_message_traceback():
+    exc = caught(raise_, ValueError(threading.Lock()))  # its args cannot be pickled
+    exc, lost = unpack_exception(pickle.loads(pickle.dumps(pack_exception(exc))))
+    assert lost and isinstance(exc, LostException)
+    assert "ValueError: <unlocked _thread.lock object" in str(exc)
+    assert "in raise_" in exc.__cause__.tb
+
+
+def test_exception_class_the_parent_cannot_import_is_lost_not_fatal():
+    def main(chan, rank):
+        class Late(BadStr):  # importable as test_pool.Late in the worker only
+            pass
+        Late.__qualname__ = "Late"
+        globals()["Late"] = Late
+        try:
+            raise Late()
+        except Late as e:
+            chan.send(pack_exception(e))
+        chan.recv()
+
+    with Workers(1, main) as w:
+        exc, lost = unpack_exception(poll_all(w, 1)[0])
+    assert lost and isinstance(exc, LostException)
+    assert f"{__name__}.Late: <str() failed with RuntimeError>" in str(exc)
+    assert "in main" in exc.__cause__.tb
 
 
 # -- channel --------------------------------------------------------------------
@@ -432,3 +531,46 @@ def test_small_arrays_in_one_message_share_a_pack_freed_with_the_last_of_them():
     finally:
         a.close()
         b.close()
+
+
+class HeldSocket:
+    """A socket whose ``sendmsg`` returns only once ``gone`` is set, as a busy
+    machine's scheduler may hold the sender while the receiver reads and leaves."""
+
+    def __init__(self, sock, gone):
+        self.sock, self.gone = sock, gone
+
+    def sendmsg(self, *args):
+        sent = self.sock.sendmsg(*args)
+        assert self.gone.wait(20)
+        return sent
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_spilled_message_is_complete_once_its_descriptors_are_sent():
+    """A body in a memfd: nothing follows in the socket, where a peer that read
+    the message and closed would make the sender fail with BrokenPipeError."""
+    a, b = channel.pair()
+    gone = threading.Event()
+    a.sock = HeldSocket(a.sock, gone)
+    errors = []
+
+    def send():
+        try:
+            a.send(list(range(100_000)))  # a pickle of ~500 KB: spilled
+        except BaseException as e:
+            errors.append(e)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert b.recv() == list(range(100_000))
+        b.close()
+    finally:
+        gone.set()
+        sender.join()
+        a.sock = a.sock.sock
+        a.close()
+    assert errors == []
