@@ -20,8 +20,14 @@ forked child inherits).  That is what pickling uses:
 * With pickle protocol 5 the data also travels beside the handle (out of
   band if the pickler has a ``buffer_callback``, as dask.distributed does), so
   an unrelated process gets a private shared array holding the right values.
+  The data travels as unsigned bytes, reinterpreted on arrival: pickle's
+  buffers cannot carry every dtype (datetime64 and timedelta64 have no
+  buffer format).
 * With older protocols an unrelated process gets a clear error instead of a
   stale address.
+* An array of zero bytes (``empty((5, 0))``, ``a[3:3]``) has no values to
+  lose: where its segment is unknown -- another process, or the original is
+  gone -- it unpickles as a new empty shared array, with any protocol.
 
 Memory goes back to the operating system when the last view of a segment is
 gone: a ``weakref.finalize`` unmaps it and closes its memfd.  The file
@@ -297,9 +303,11 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
         if cls is np.ndarray and _in_worker:
             cls = SharedArray
         return _view(seg, offset, shape, strides, dtype, cls)
-    if data is not None:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if data is not None or not nbytes:
         out = _populate(empty(shape, dtype))
-        out[...] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        if nbytes:  # the bytes of the C-ordered values (see _pickle_data)
+            out.reshape(-1).view(np.uint8)[...] = np.frombuffer(data, np.uint8)
         return out if cls in (None, SharedArray) else out.view(cls)
     raise pickle.UnpicklingError(
         f"this shared array ({shape}, {dtype}) refers to shared memory that does "
@@ -311,7 +319,12 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
 
 
 def _pickle_data(a: np.ndarray) -> pickle.PickleBuffer:
-    return pickle.PickleBuffer(np.ascontiguousarray(a).view(np.ndarray))  # type: ignore[arg-type]
+    """The values of ``a`` in C order, as bytes: a buffer of any dtype can carry them.
+
+    (``PickleBuffer`` of the array itself refuses datetime64 and timedelta64,
+    which have no buffer format; :func:`_rebuild` reinterprets the bytes.)
+    """
+    return pickle.PickleBuffer(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 class SharedArray(np.ndarray):
@@ -344,7 +357,7 @@ class SharedArray(np.ndarray):
         return obj[()] if return_scalar else obj
 
     def __array_function__(self, func, types, args, kwargs):
-        if func is np.concatenate and kwargs.get("out") is None:
+        if func is np.concatenate:
             out = _shared_concatenate(*args, **kwargs)
             if out is not None:
                 return out
@@ -370,7 +383,7 @@ class SharedArray(np.ndarray):
         seg = _segment_of(self)
         if seg is None:  # a copy that numpy made with our type: plain data
             return np.asarray(self).__reduce_ex__(protocol)
-        data = _pickle_data(self) if protocol >= 5 else None
+        data = _pickle_data(self) if protocol >= 5 and self.nbytes else None
         return _rebuild, (_handle(self, seg), data)
 
     def __reduce__(self):
@@ -381,35 +394,43 @@ class SharedArray(np.ndarray):
 _CONCATENATE_SHARED_MIN = 1 << 20
 
 
-def _shared_concatenate(arrays: Any, axis: Any = 0, dtype: Any = None,
-                        casting: str = "same_kind") -> SharedArray | None:
-    """``np.concatenate`` of shared arrays into a new shared array, or None.
+def _shared_concatenate(arrays: Any, axis: Any = 0, out: Any = None, *, dtype: Any = None,
+                        casting: Any = "same_kind") -> SharedArray | None:
+    """``np.concatenate`` of shared arrays into a new shared array, or None for numpy's own.
 
     Joining shared pieces (dask's chunks, in a worker) gives a shared result
-    that crosses to other processes as a handle: no copy of the whole.  Small
-    results, ``axis=None`` and unusual inputs are left to numpy.
+    that crosses to other processes as a handle: no copy of the whole.  Only
+    where the result is allocated differs from numpy, so numpy keeps every
+    call it would refuse (out-of-range axis, mismatched shapes, ...) and every
+    call with ``out``, ``axis=None``, a small result or unusual inputs; and
+    numpy itself resolves ``dtype`` and checks ``casting``, on empty arrays of
+    the inputs' dtypes, before shared memory is allocated.  (The result is in
+    C order, where numpy follows the inputs' layout.)  The signature is that
+    of numpy's dispatcher, which has checked the arguments against it.
     """
-    if axis is None or not isinstance(arrays, (list, tuple)) or not arrays:
+    if (out is not None or not isinstance(arrays, (list, tuple)) or not arrays
+            or isinstance(axis, bool)  # an int to Python, refused by numpy
+            or not isinstance(axis, (int, np.integer))):
         return None
     arrays = [np.asarray(a) for a in arrays]
-    first = arrays[0]
-    if first.ndim == 0 or any(a.ndim != first.ndim for a in arrays):
+    ndim = arrays[0].ndim
+    if not -ndim <= axis < ndim or any(a.ndim != ndim for a in arrays):
         return None
-    try:
-        ax = operator.index(axis) % first.ndim
-    except TypeError:
+    ax = operator.index(axis) % ndim
+    rest = {a.shape[:ax] + a.shape[ax + 1:] for a in arrays}
+    if len(rest) > 1:
         return None
-    shape = list(first.shape)
+    dtype = np.concatenate([np.empty(0, a.dtype) for a in arrays], dtype=dtype,
+                           casting=casting).dtype
+    shape = list(arrays[0].shape)
     shape[ax] = sum(a.shape[ax] for a in arrays)
-    dtype = np.result_type(*arrays) if dtype is None else np.dtype(dtype)
-    if dtype.hasobject or math.prod(shape) * dtype.itemsize < _CONCATENATE_SHARED_MIN:
-        return None
     nbytes = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or nbytes < _CONCATENATE_SHARED_MIN:
+        return None
     parts = min(len(arrays), len(os.sched_getaffinity(0)), 8) if nbytes >= _PARALLEL_MIN else 1
-    if parts <= 1 or any(a.shape[:ax] + a.shape[ax + 1:] != first.shape[:ax] + first.shape[ax + 1:]
-                         for a in arrays):  # numpy's own error for mismatched shapes
+    if parts <= 1:
         out = _populate(empty(shape, dtype))
-        np.concatenate(arrays, axis=ax, out=out, casting=casting)  # type: ignore[call-overload]
+        np.concatenate(arrays, axis=ax, out=out, casting=casting)
         return out
     return _parallel_concatenate(arrays, ax, shape, dtype, casting, parts)
 

@@ -360,13 +360,146 @@ def test_unrelated_process_protocol5_gets_values(view, protocol):
     assert values.tobytes() == np.array(v).tobytes()
 
 
-@pytest.mark.parametrize("protocol", [None, 2, 4])
-def test_unrelated_process_old_protocol_clear_error(protocol):
+@pytest.mark.parametrize("protocol", [None, 0, 2, 4])
+@pytest.mark.parametrize("expr", ["sm.ones((3, 3)).T[::2]", "sm.full((), 2.5)"])
+def test_unrelated_process_old_protocol_clear_error(expr, protocol):
     """Protocols < 5 carry only a handle: an unrelated process gets UnpicklingError."""
-    proc = unrelated(sm.ones((3, 3)).T[::2], protocol)
+    proc = unrelated(evaluate(expr, sm=sm), protocol)
     out = proc.stdout.decode()
     assert proc.returncode == 3, proc.stderr.decode()
     assert out.startswith("UnpicklingError:") and "protocol=5" in out
+
+
+def detached(x, protocol):
+    """``dumps(x, protocol)`` with out-of-band buffers copied: they hold no array alive."""
+    data, buffers = dumps(x, protocol)
+    return data, buffers and [b.raw().tobytes() for b in buffers]
+
+
+# Shared arrays of every kind of dtype, in every layout.
+DTYPES = [
+    "sm.copy(np.arange(10).astype('M8[s]'))", "sm.copy(np.arange(-5, 5).astype('m8[ms]'))",
+    "sm.copy(np.array(['2024-02-29', 'NaT', '1970-01-01'], 'M8[D]'))",
+    "sm.copy(np.arange(12).astype('M8[us]').reshape(3, 4))[:, ::-2]",
+    "sm.copy(np.asfortranarray(np.arange(12).astype('m8[h]').reshape(3, 4)))",
+    "sm.full((), np.datetime64('2024-02-29T12:00'))", "sm.empty((0, 3), 'M8[s]')",
+    "sm.copy(np.array([(1, '2024-01-01'), (2, 'NaT')], [('i', 'i4'), ('t', 'M8[s]')]))",
+    "sm.copy(np.array([(1, (1, 2, 3), 'abcde')] * 3, STRUCT))[::-2]",
+    "sm.copy(np.array(['', 'ab', 'çé∂']))", "sm.copy(np.array([True, False, True]))",
+    "sm.copy(np.arange(4) * (1 - 2j))", "sm.full((2, 3), 7.5)[:, 1:].T", "sm.empty(3, 'V0')",
+]
+
+
+@pytest.mark.parametrize("protocol", [5, "5-out-of-band"])
+@pytest.mark.parametrize("expr", DTYPES)
+def test_protocol5_carries_every_dtype_in_process(expr, protocol):
+    """With protocol 5 every dtype pickles: a view while the segment lives, values after."""
+    x = evaluate(expr, sm=sm)
+    expected, token = np.array(x), memory._segment_of(x).token
+    data, buffers = detached(x, protocol)
+    b = pickle.loads(data, buffers=buffers)
+    assert type(b) is SharedArray and (b.shape, b.dtype) == (x.shape, x.dtype)
+    assert np.shares_memory(b, x) or not x.nbytes
+    del x, b
+    gc.collect()
+    assert token not in memory._SEGMENTS
+    b = pickle.loads(data, buffers=buffers)
+    assert type(b) is SharedArray and (b.shape, b.dtype) == (expected.shape, expected.dtype)
+    assert np.array(b).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("protocol", [5, "5-out-of-band"])
+@pytest.mark.parametrize("expr", DTYPES)
+def test_protocol5_carries_every_dtype_to_an_unrelated_process(expr, protocol):
+    """With protocol 5 an unrelated process gets every dtype's values, shape and dtype."""
+    x = evaluate(expr, sm=sm)
+    proc = unrelated(x, protocol)
+    assert proc.returncode == 0, proc.stderr.decode()
+    kind, values = pickle.loads(proc.stdout)
+    assert kind == "SharedArray" and (values.shape, values.dtype) == (x.shape, x.dtype)
+    assert values.tobytes() == np.array(x).tobytes()
+
+
+# Arrays of zero bytes, made new or as views of a live array ``a``.
+ZERO_BYTES = ["sm.empty((5, 0))", "sm.zeros(0, 'M8[s]')", "sm.empty((0, 2), STRUCT)",
+              "sm.empty((2, 0, 3), order='F')", "a[3:3]", "a[:, :0]", "a[::-1, 4:1]",
+              "sm.empty(3, 'V0')"]
+ALL_PROTOCOLS = [0, 1, 2, 3, 4, 5, "5-out-of-band"]
+
+
+@pytest.mark.parametrize("protocol", ALL_PROTOCOLS)
+@pytest.mark.parametrize("expr", ZERO_BYTES)
+def test_zero_byte_array_unpickles_after_its_memory_is_gone(expr, protocol):
+    """An array of zero bytes needs no memory: with its segment freed, it comes back new."""
+    x = evaluate(expr, sm=sm, a=BASES["a"]())
+    shape, dtype, token = x.shape, x.dtype, memory._segment_of(x).token
+    data, buffers = detached(x, protocol)
+    del x
+    gc.collect()
+    assert token not in memory._SEGMENTS
+    b = pickle.loads(data, buffers=buffers)
+    assert type(b) is SharedArray and (b.shape, b.dtype) == (shape, dtype)
+    assert memory._segment_of(b) is not None  # shared, so it pickles again as a shared array
+    c = pickle.loads(pickle.dumps(b, protocol=4))
+    assert type(c) is SharedArray and (c.shape, c.dtype) == (shape, dtype)
+
+
+@pytest.mark.parametrize("protocol", ALL_PROTOCOLS)
+@pytest.mark.parametrize("expr", ZERO_BYTES)
+def test_zero_byte_array_unpickles_in_a_child_forked_before_it_was_made(expr, protocol):
+    """A child that never knew the array's segment unpickles it from the parent's bytes."""
+    r, w = os.pipe()
+
+    def child():
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data, buffers, shape, dtype = pickle.load(f)
+        b = pickle.loads(data, buffers=buffers)
+        assert type(b) is SharedArray and (b.shape, b.dtype) == (shape, dtype)
+
+    pid = fork(child)
+    os.close(r)
+    x = evaluate(expr, sm=sm, a=BASES["a"]())
+    with os.fdopen(w, "wb") as f:
+        pickle.dump((*detached(x, protocol), x.shape, x.dtype), f)
+    assert wait(pid) == 0
+
+
+@pytest.mark.parametrize("protocol", ALL_PROTOCOLS)
+@pytest.mark.parametrize("expr", ZERO_BYTES)
+def test_zero_byte_array_unpickles_in_an_unrelated_process(expr, protocol):
+    """Even a handle alone (protocol < 5) is enough: there are no values to miss."""
+    x = evaluate(expr, sm=sm, a=BASES["a"]())
+    proc = unrelated(x, protocol)
+    assert proc.returncode == 0, proc.stderr.decode()
+    kind, values = pickle.loads(proc.stdout)
+    assert kind == "SharedArray" and (values.shape, values.dtype) == (x.shape, x.dtype)
+
+
+@pytest.mark.parametrize("protocol", ALL_PROTOCOLS)
+@pytest.mark.parametrize("expr", ["sm.full((), 2.5)", "a[1, 2, ...]", "a[1:, ::-2]",
+                                  "sm.full((), np.datetime64('2024-02-29'))"])
+def test_array_with_bytes_needs_its_memory_or_its_data(expr, protocol):
+    """Arrays that hold bytes, 0-d ones too, need their segment or their data.
+
+    While the segment lives they unpickle as views of it; once it is freed,
+    protocol 5 gives the values and older ones the error that says to use 5.
+    """
+    x = evaluate(expr, sm=sm, a=BASES["a"]())
+    data, buffers = detached(x, protocol)
+    b = pickle.loads(data, buffers=buffers)
+    assert type(b) is SharedArray and np.shares_memory(b, x)
+    expected, token = np.array(x), memory._segment_of(x).token
+    del x, b
+    gc.collect()
+    assert token not in memory._SEGMENTS
+    if protocol not in (5, "5-out-of-band"):
+        with pytest.raises(pickle.UnpicklingError, match=r"pickle with protocol=5"):
+            pickle.loads(data, buffers=buffers)
+        return
+    b = pickle.loads(data, buffers=buffers)
+    assert type(b) is SharedArray and (b.shape, b.dtype) == (expected.shape, expected.dtype)
+    assert np.array(b).tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("expr, error", [
@@ -457,6 +590,56 @@ def test_large_concatenations_of_shared_arrays_stay_shared():
     assert np.concatenate([a, b], axis=None).shape == (300_000,)
     with pytest.raises(ValueError):
         np.concatenate([a, sm.ones((3, 3))])
+
+
+def concatenation_inputs(make):
+    """Inputs whose joins are 2 MiB and more, made by ``make`` (numpy.array or sm.copy)."""
+    a = np.arange(256 * 512.0).reshape(256, 512)
+    arrays = {"a": a, "b": -a, "c": np.ones((100, 7)), "i": np.arange(256 * 512).reshape(256, 512),
+              "u": np.full((2, 512), "x"), "z": np.array(1.5), "o": np.zeros((512, 512))}
+    return {name: make(x) for name, x in arrays.items()}
+
+
+# Arguments to np.concatenate: numpy's results and numpy's errors
+CONCATENATIONS = [
+    "[a, b]", "[a, b], 1", "(a, b), -2", "[a, b, a], axis=np.int64(-1)", "[a, i]",
+    "[a, b], axis=2", "[a, b], axis=-3", "[a, b], 1.0", "[a, b], True", "[a, b], '0'",
+    "[a, b], None", "[a, b], axis=None, dtype='f4'", "[a, z], None",
+    "[a, b], 0, o", "[a, b], out=o", "[a, b], 0, o[:-1]", "[a, b], 0, o, dtype='f8'",
+    "[a, b], out=o, dtype='f4'", "[a, i], 0, o, casting='no'", "[a, b], 0, None, dtype='f4'",
+    "[a, b], dtype='f4'", "[a, b], dtype='i8'", "[a, b], dtype='i8', casting='unsafe'",
+    "[a, i], casting='no'", "[a, b], casting='no'", "[a, b], casting='bogus'",
+    "[a, b], casting=None", "[a, b], dtype='foo'", "[a, b], dtype=object", "[a, u]",
+    "[a, c]", "[a, c], 1", "[a, a[0]]", "[a, z]", "[z, a]", "[a, [[1.0] * 512] * 3]",
+]
+#: ... of which these succeed in private memory, as numpy's own: all others are shared
+PRIVATE = {"[a, b], None", "[a, b], axis=None, dtype='f4'", "[a, z], None", "[a, b], dtype=object"}
+
+
+@pytest.mark.parametrize("call", CONCATENATIONS)
+def test_concatenate_of_large_shared_arrays_is_numpys(call):
+    """np.concatenate of large shared arrays gives numpy's result or numpy's exception.
+
+    Only the allocation differs: numpy validates axis, out, dtype, casting and
+    shapes, with its own exception types and messages.
+    """
+    results = []
+    for make in (np.array, sm.copy):
+        names = concatenation_inputs(make)
+        try:
+            results.append((evaluate(f"np.concatenate({call})", **names), names["o"]))
+        except Exception as e:
+            results.append((e, names["o"]))
+    (want, want_out), (got, got_out) = results
+    if isinstance(want, Exception):
+        assert (type(got), str(got)) == (type(want), str(want))
+        return
+    assert (got is got_out) == (want is want_out)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_out, want_out)
+    assert (memory._segment_of(got) is not None) == (call not in PRIVATE)
+    assert type(got) is (np.ndarray if call in PRIVATE else SharedArray)
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1])
