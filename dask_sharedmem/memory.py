@@ -40,6 +40,7 @@ so tens of thousands of live arrays never exhaust descriptors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -51,7 +52,7 @@ import resource
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,6 +74,11 @@ __all__ = [
 #: set in pool workers: arrays that arrive there in shared memory are SharedArrays,
 #: so that joining them (np.concatenate, as dask's finalize does) stays shared
 _in_worker = False
+
+#: .on while the dask scheduler's parent reads results: the arrays in them are plain
+#: numpy arrays (views of their shared memory) at any depth, as threads would give,
+#: and pickle by value wherever the caller sends them (see :func:`plain_arrivals`)
+_arrivals = threading.local()
 
 #: token -> live segment of this process (inherited by forked children).
 _SEGMENTS: weakref.WeakValueDictionary[str, _Segment] = weakref.WeakValueDictionary()
@@ -299,6 +305,8 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
     """Unpickle a shared array: a view where the segment is known, else by value."""
     token, offset, shape, strides, dtype = handle
     seg = _SEGMENTS.get(token)
+    if getattr(_arrivals, "plain", False):
+        cls = np.ndarray
     if seg is not None:
         if cls is np.ndarray and _in_worker:
             cls = SharedArray
@@ -316,6 +324,24 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
         "it or its forked children. To send the data by value, pickle with "
         "protocol=5 (pickle.dumps(a, protocol=5)) or send numpy.array(a)."
     )
+
+
+@contextlib.contextmanager
+def plain_arrivals() -> Iterator[None]:
+    """Meanwhile, shared arrays unpickled in this thread are plain ``numpy.ndarray`` views.
+
+    >>> import pickle
+    >>> a = zeros(3)
+    >>> with plain_arrivals():
+    ...     type(pickle.loads(pickle.dumps(a)))
+    <class 'numpy.ndarray'>
+    """
+    outer = getattr(_arrivals, "plain", False)
+    _arrivals.plain = True
+    try:
+        yield
+    finally:
+        _arrivals.plain = outer
 
 
 def _pickle_data(a: np.ndarray) -> pickle.PickleBuffer:

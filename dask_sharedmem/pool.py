@@ -63,6 +63,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from dask.multiprocessing import default_initializer
+
 from . import channel, memory
 
 __all__ = ["WorkerDied", "cpu_count", "total_memory"]
@@ -488,6 +490,10 @@ class Workers:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             _die_with_parent(parent)
             _forget_inherited_thread_pools()
+            # numpy's global random state came from the parent: every worker would draw
+            # the same numbers (np.random.random() in two tasks gives one value twice);
+            # re-seeded from the OS, as dask's processes scheduler does in its workers
+            default_initializer()
             memory._in_worker = True
             for sibling in self.channels:
                 sibling.sock.close()

@@ -368,7 +368,8 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 dispatch(rank)
         while waiting or ready or running:
             try:
-                events = w.poll()
+                with memory.plain_arrivals():  # results reach the caller as threads give them
+                    events = w.poll()
             except WorkerDied as e:
                 number = int(current[e.rank])
                 if number in numbered:

@@ -268,3 +268,16 @@ def test_results_survive_pickling_outside_the_process():
         assert out.returncode == 0, out.stderr.decode()
     assert type(nested["data"][0]) is np.ndarray and type(nested["data"][1][0]) is np.ndarray
     assert all(type(b.values) is np.ndarray for b in frame_result._mgr.blocks)
+
+
+# -- state every worker inherits -------------------------------------------------------
+
+def test_workers_do_not_share_numpy_random_state():
+    """np.random's global state is re-seeded in each worker (threads share one stream)."""
+    np.random.seed(0)
+    draws = dask.compute([dask.delayed(np.random.random, pure=False)() for _ in range(8)],
+                         scheduler=dask_sharedmem.get, num_workers=2)[0]
+    assert len(set(draws)) == 8
+    with dask_sharedmem.MapReduce(np=2) as pool:
+        pairs = pool.map(lambda i: (pool.local.rank, np.random.random()), range(8))
+    assert len({v for _, v in pairs}) == 8

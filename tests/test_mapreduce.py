@@ -12,7 +12,6 @@ import faulthandler
 import gc
 import io
 import os
-import pickle
 import resource
 import signal
 import subprocess
