@@ -770,7 +770,7 @@ class MapReduce:
                         elif kind == "ordered_exit":
                             release(msg[1], msg[1] + 1)
                         elif kind == "error":
-                            raise _worker_exception(msg[2])
+                            raise _worker_exception(msg[2], f"item {msg[1]}")
             errored = False
         finally:
             self.critical._close()
@@ -866,9 +866,9 @@ def _send_results(chan: Any, start: int, out: list, seconds: float) -> None:
         raise
 
 
-def _worker_exception(packed: tuple) -> WorkerException:
+def _worker_exception(packed: tuple, where: str = "") -> WorkerException:
     """The WorkerException for a packed exception; warn if its type was lost."""
-    exc, lost = unpack_exception(packed)
+    exc, lost = unpack_exception(packed, where)
     if lost:
         warnings.warn(str(exc), LostExceptionType, stacklevel=4)
     return WorkerException(exc, packed[3])

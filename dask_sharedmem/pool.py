@@ -44,6 +44,16 @@ followed by the original cause.  Only an exception that still cannot make the
 round trip (its ``args`` do not pickle, the parent cannot import its class) is
 replaced by a :class:`LostException` that keeps its type name, message and
 traceback text.
+
+Warnings issued in a worker come home too.  Each worker records them
+(``warnings.showwarning``, after the filters it inherited at the fork have
+decided: ``error`` still raises there, ``ignore`` drops them) and sends
+:func:`take_warnings` with each reply; the parent re-issues them with
+:func:`reissue`, with their category, text, file and line, into the
+warnings registry of the module they came from.  So the caller's filters,
+``catch_warnings(record=True)``, ``pytest.warns`` and "once per location"
+decide as they would for threads: a warning from the same line in several
+workers or tasks is shown once under the default filter.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ import sys
 import threading
 import traceback
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -206,18 +217,95 @@ def describe_status(status: int) -> str:
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 
+# -- remote warnings ----------------------------------------------------------
+
+#: warnings this worker issued since the last take_warnings(): (category, text, file, line)
+_CAUGHT: list[tuple[type, str, str, int]] = []
+#: category -> whether it survives pickling (a class defined in a function does not)
+_TRAVELS: dict[type, bool] = {}
+
+
+def _record_warning(message: Any, category: type, filename: str, lineno: int,
+                    file: Any = None, line: Any = None) -> None:
+    """``warnings.showwarning`` in a worker: keep it for the parent."""
+    if category not in _TRAVELS:
+        try:
+            _TRAVELS[category] = pickle.loads(pickle.dumps(category)) is category
+        except Exception:
+            _TRAVELS[category] = False
+    text = str(message)
+    if not _TRAVELS[category]:
+        text, category = f"{category.__qualname__}: {text}", UserWarning
+    _CAUGHT.append((category, text, filename, lineno))
+
+
+_WARNINGS = "warnings"  # the kind of the message that carries them, before a reply
+
+
+class _WorkerChannel(channel.Channel):
+    """A worker's end: every message it sends is preceded by the warnings issued since."""
+
+    def send(self, obj: Any) -> None:
+        if _CAUGHT:
+            super().send((_WARNINGS, take_warnings()))
+        super().send(obj)
+
+
+def take_warnings() -> list:
+    """The warnings this worker issued since the last call, to send to the parent.
+
+    >>> import warnings
+    >>> warnings.showwarning, saved = _record_warning, warnings.showwarning
+    >>> warnings.warn("careful", RuntimeWarning)
+    >>> warnings.showwarning = saved
+    >>> [(c.__name__, text) for c, text, *_ in take_warnings()]
+    [('RuntimeWarning', 'careful')]
+    """
+    caught = _CAUGHT[:]
+    _CAUGHT.clear()
+    return caught
+
+
+#: file name -> the warnings registry of the module loaded from it, or a private one
+_REGISTRIES: dict[str, tuple[str, dict]] = {}
+
+
+def _registry(filename: str) -> tuple[str, dict]:
+    """The module name and ``__warningregistry__`` that ``warnings.warn`` would use there."""
+    found = _REGISTRIES.get(filename)
+    if found is None:
+        for name, module in list(sys.modules.items()):
+            if getattr(module, "__file__", None) == filename:
+                found = (name, vars(module).setdefault("__warningregistry__", {}))
+                break
+        else:
+            found = (os.path.splitext(os.path.basename(filename))[0], {})
+        _REGISTRIES[filename] = found
+    return found
+
+
+def reissue(caught: list | None) -> None:
+    """Issue in this process the warnings a worker recorded (see :func:`take_warnings`)."""
+    for category, text, filename, lineno in caught or ():
+        module, registry = _registry(filename)
+        warnings.warn_explicit(text, category, filename, lineno, module=module,
+                               registry=registry)
+
+
 # -- remote exceptions --------------------------------------------------------
 
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback as the ``__cause__`` of its exception."""
 
-    def __init__(self, tb: str):
+    def __init__(self, tb: str, where: str = ""):
         super().__init__(tb)
         self.tb = tb
+        self.where = where  # e.g. "task 'x'", set by the session that knows
 
     def __str__(self) -> str:
+        where = f", in {self.where}" if self.where else ""
         return ("\n\n" + self.tb.rstrip("\n")
-                + "\n\n(the traceback above was raised in a worker process)")
+                + f"\n\n(the traceback above was raised in a worker process{where})")
 
 
 class LostException(Exception):
@@ -337,11 +425,12 @@ def pack_exception(exc: BaseException) -> tuple:
     return (blob, name, message, tb)
 
 
-def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
+def unpack_exception(packed: tuple, where: str = "") -> tuple[BaseException, bool]:
     """Rebuild a packed exception; say whether its type survived.
 
-    Its ``__cause__`` becomes the worker's traceback, whose own ``__cause__``
-    is the exception's original cause.
+    Its ``__cause__`` becomes the worker's traceback (naming ``where`` it was
+    raised, e.g. ``"task 'x'"``), whose own ``__cause__`` is the exception's
+    original cause.
     """
     blob, name, message, tb = packed
     exc: BaseException | None = None
@@ -354,7 +443,7 @@ def unpack_exception(packed: tuple) -> tuple[BaseException, bool]:
     if exc is None:
         exc = LostException(f"{name}: {message} (the exception could not be pickled; "
                             "its type is lost, its message and traceback are kept)")
-    remote = RemoteTraceback(tb)
+    remote = RemoteTraceback(tb, where)
     remote.__cause__ = exc.__cause__
     exc.__cause__ = remote
     return exc, lost
@@ -472,7 +561,7 @@ class Workers:
                     raise
                 if pid == 0:  # pragma: no cover - runs in the child
                     mine.sock.close()
-                    self._child(theirs, rank, parent, mask)
+                    self._child(_WorkerChannel(theirs.sock, self.threshold), rank, parent, mask)
                 theirs.close()
                 mine.inherited = memory._serial  # the child knows every segment we have
                 self.pids.append(pid)
@@ -494,6 +583,8 @@ class Workers:
             # the same numbers (np.random.random() in two tasks gives one value twice);
             # re-seeded from the OS, as dask's processes scheduler does in its workers
             default_initializer()
+            warnings.showwarning = _record_warning
+            _CAUGHT.clear()
             memory._in_worker = True
             for sibling in self.channels:
                 sibling.sock.close()
@@ -527,6 +618,8 @@ class Workers:
     def poll(self, timeout: float | None = None) -> list[tuple[int, Any]]:
         """Wait until some worker has sent something; return ``(rank, message)`` pairs.
 
+        The list is empty if all that came were warnings: they are re-issued here.
+
         Raises :class:`WorkerDied` as soon as a worker's socket reads EOF.
         """
         out: list[tuple[int, Any]] = []
@@ -538,7 +631,11 @@ class Workers:
                 self._reap(rank)
             except pickle.UnpicklingError as e:
                 raise UnreadableResult(rank, self.pids[rank], str(e)) from e.__cause__
-            out.extend((rank, m) for m in msgs)
+            for m in msgs:
+                if type(m) is tuple and m[0] == _WARNINGS:
+                    reissue(m[1])
+                else:
+                    out.append((rank, m))
         return out
 
     def _reap(self, rank: int) -> None:

@@ -384,7 +384,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                               else f"results of tasks {keys!r}") from e.__cause__
             for rank, msg in events:
                 if msg[0] == "error":
-                    exc, lost = unpack_exception(msg[2])
+                    exc, lost = unpack_exception(msg[2], f"task {msg[1]!r}")
                     if lost:
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
