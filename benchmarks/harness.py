@@ -9,7 +9,9 @@ the machinery::
     RUNNERS    workload name -> [Runner(peer, make, note)], filled in
                registration order by the @runner("workload", "peer") decorator;
                make(ctx, cfg) returns the callable to time (or a Run with an
-               untimed `before` hook) and may raise: the peer shows "n/a"
+               untimed `before` hook) and may raise: the peer shows "n/a";
+               a workload whose rows depend on the configuration gives
+               them as Workload.rows(cfg) instead
     measure()  the one timing helper: warm each peer up, then time every
                peer `repeats` times round-robin (so that load from other
                processes on the machine spreads over all peers rather than
@@ -57,6 +59,8 @@ class Config:
     array_bytes: int = 512 * 2**20  # GIL-bound and large in/out workloads
     chunks: int = 64
     step: int = 4  # every step-th element is summed in Python (serial ~2-4 s on 512 MB)
+    text_bytes: int = 8 * 2**20  # dask.bag word count
+    frame_rows: int = 2_000_000  # dask.dataframe groupby-aggregate
     scaling: list[int] = dataclasses.field(default_factory=list)  # worker counts
     only: list[str] = dataclasses.field(default_factory=list)  # workloads to run
     json: str | None = None
@@ -105,6 +109,8 @@ class Workload:
     teardown: Callable[[Any], None] = lambda ctx: None
     needs_cluster: bool = False  # uses the distributed LocalCluster
     footer: Callable[[Any, dict], str] | None = None  # text below the table
+    rows: Callable[[Config], list[Runner]] | None = None  # peers that depend on the
+    # configuration (sizes skipped by --quick), instead of the @runner-registered ones
 
 
 @dataclasses.dataclass
@@ -546,6 +552,7 @@ def run_workload(w: Workload, cfg: Config) -> dict:
     gc.collect()
     rss = _status_kib("VmRSS") * 1024  # forks copy page tables: a large parent forks slower
     ctx = w.setup(cfg)
+    runners = RUNNERS[w.name] if w.rows is None else w.rows(cfg)
     load_before = os.getloadavg()[0]
     stall_before, t_before = _cpu_stall_us(), time.perf_counter()
     try:
@@ -553,7 +560,7 @@ def run_workload(w: Workload, cfg: Config) -> dict:
         runs: dict[str, Run] = {}
         results: dict[str, dict] = {}
         notes = {}
-        for r in RUNNERS[w.name]:
+        for r in runners:
             notes[r.peer] = r.note(cfg) if callable(r.note) else r.note
             try:
                 made = r.make(ctx, cfg)
@@ -564,7 +571,7 @@ def run_workload(w: Workload, cfg: Config) -> dict:
         print(f"[{w.name}] {len(runs)} peers, {cfg.warmup} warm-up + {cfg.repeats} runs each",
               file=sys.stderr)
         results.update(measure(runs, cfg, check=lambda res: w.check(ctx, res), probe=w.probe))
-        results = {r.peer: results[r.peer] for r in RUNNERS[w.name]}  # registration order
+        results = {r.peer: results[r.peer] for r in runners}  # registration order
         if w.after is not None:
             w.after(ctx, results, notes)
         derived = {p: ({} if "error" in s else

@@ -8,8 +8,9 @@ Usage::
 Prints the machine, then one markdown table per workload (stdout; progress
 goes to stderr), then the design targets with the measured figures.
 ``--json`` writes every raw timing; ``--plot`` draws them (PNG, needs
-matplotlib).  The workloads live in bench_scheduler.py, bench_scaling.py and
-bench_mapreduce.py; the machinery in harness.py; see README.md.
+matplotlib).  The workloads live in bench_scheduler.py, bench_scaling.py,
+bench_mapreduce.py, bench_startup.py and bench_clients.py; the machinery in
+harness.py; see README.md.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ import time
 # Only the standard library at module level: dask's processes scheduler
 # spawns workers that import this file again as __mp_main__.
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = {"scheduler": "dask schedulers", "mapreduce": "MapReduce"}
+GROUPS = {"scheduler": "dask schedulers", "mapreduce": "MapReduce", "clients": "dask's clients"}
 
 
 def _load() -> None:
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
+    import bench_clients  # noqa: F401
     import bench_mapreduce  # noqa: F401
     import bench_scaling  # noqa: F401
-    import bench_scheduler  # noqa: F401  (each registers its workloads)
+    import bench_scheduler  # noqa: F401
+    import bench_startup  # noqa: F401  (each registers its workloads)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -41,8 +44,9 @@ def parse_args(argv: list[str] | None = None):
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (32 MB arrays, 200 tasks, 1,000 items), 2 runs: "
-                        "a smoke run of every workload and peer in under two minutes")
+                   help="small sizes (32 MB arrays, 200 tasks, 1,000 items, 0.5 MB of "
+                        "text, 100,000 rows, a 0.1 GB caller), 2 runs: a smoke run of "
+                        "every workload and peer in a few minutes")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="workers per pool (default: the CPUs this process may use, "
                         "%(default)s here)")
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--plot", metavar="PATH", help="draw the results into PATH (PNG)")
     p.add_argument("--only", metavar="NAME", action="append",
                    choices=list(WORKLOADS) + list(GROUPS),
-                   help="run only this workload, or group (scheduler, mapreduce); "
+                   help="run only this workload, or group (scheduler, mapreduce, clients); "
                         "repeatable. Workloads: " + ", ".join(
                             sorted(WORKLOADS, key=lambda n: WORKLOADS[n].label)))
     p.add_argument("--repeats", type=int, help="timed runs per peer (default 5, quick 2)")
@@ -74,6 +78,8 @@ def parse_args(argv: list[str] | None = None):
         cfg.array_bytes = 32 * 2**20
         cfg.tasks = 200
         cfg.overhead_items = 1_000
+        cfg.text_bytes = 2**19
+        cfg.frame_rows = 100_000
     return cfg
 
 

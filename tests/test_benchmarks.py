@@ -35,6 +35,12 @@ WORKLOADS = {
     "scaling": ("5", ["dask_sharedmem.MapReduce, 1 worker", "dask_sharedmem.get, 1 worker"]),
     "mapreduce-overhead": ("6", ["dask_sharedmem.MapReduce"]),
     "mapreduce-gil": ("7", ["dask_sharedmem.MapReduce"]),
+    "startup-scaling": ("8", [f"0.1 GB caller, {n} worker{'s' if n > 1 else ''}"
+                              for n in (1, 2, 8)]),
+    "bag": ("9a", ["dask_sharedmem.get"]),
+    # dask.dataframe needs pandas and pyarrow (dask[dataframe]), not in the bench extra
+    "dataframe": ("9b", ["dask_sharedmem.get"] if importlib.util.find_spec("pandas")
+                  and importlib.util.find_spec("pyarrow") else []),
 }
 SCHEDULER_PEERS = ["dask sync", "dask threads", "dask processes", "distributed LocalCluster",
                    "dask_sharedmem.get"]
@@ -95,11 +101,14 @@ def test_json_has_every_workload_and_peer(quick_run):
                 assert set(w["derived"][peer]) == set(w["columns"])
         for peer in ours:
             assert "error" not in w["results"][peer], (name, peer, w["results"][peer])
-        if name in ("tasks", "chain", "graph", "gil", "compute", "store"):
+        if name in ("tasks", "chain", "graph", "gil", "compute", "store", "bag", "dataframe"):
             assert set(SCHEDULER_PEERS) <= set(w["results"])
     for name in ("compute", "store"):
         s = by_name[name]["results"]["dask_sharedmem.get"]
         assert "peak_rss_increase" in s.get("metrics", {}), s
+    for row in WORKLOADS["startup-scaling"][1]:
+        s = by_name["startup-scaling"]["results"][row]
+        assert {"repeated", "map", "threads", "rss"} <= set(s["metrics"]), s
     for t in doc["targets"]:
         assert set(t) == {"target", "measured", "met"}
 
