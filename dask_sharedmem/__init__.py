@@ -25,6 +25,7 @@ from .memory import (
     full_like,
     ones,
     ones_like,
+    trim,
     zeros,
     zeros_like,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ones_like",
     "set_debug",
     "total_memory",
+    "trim",
     "zeros",
     "zeros_like",
 ]

@@ -173,6 +173,8 @@ def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD,
     with _pinned():
         p.dump(obj)
         p.fill_packs()
+    if memory._in_worker:  # to the parent, which may keep them: never reused here
+        memory._given.update(s.token for s in p.segments)
     return buf.getvalue(), p.segments
 
 

@@ -53,7 +53,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -67,6 +67,7 @@ __all__ = [
     "full_like",
     "ones",
     "ones_like",
+    "trim",
     "zeros",
     "zeros_like",
 ]
@@ -108,7 +109,11 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_MADV_POPULATE_WRITE = 23  # Linux 5.14
+_libc.mincore.restype = ctypes.c_int
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_MADV_POPULATE_READ = 22  # Linux 5.14
+_MADV_POPULATE_WRITE = 23
+_PAGE = mmap.PAGESIZE
 #: segments at least this large that are about to be written whole are populated first
 _POPULATE_MIN = 1 << 20
 _can_populate = True
@@ -124,13 +129,19 @@ class _Segment:
     once :func:`_trim_fds` has closed it.
     """
 
-    __slots__ = ("__array_interface__", "__weakref__", "address", "serial", "size", "token")
+    __slots__ = ("__array_interface__", "__weakref__", "address", "fresh", "serial", "size",
+                 "token")
 
-    def __init__(self, fd: int, size: int, token: str):
-        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-        if address in (None, _MAP_FAILED):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {size} bytes of shared memory failed: {os.strerror(err)}")
+    def __init__(self, fd: int, size: int, token: str, address: int | None = None):
+        #: True while its pages have never been written (a new memfd reads as zeros)
+        self.fresh = address is None
+        if address is None:
+            address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                                 fd, 0)
+            if address in (None, _MAP_FAILED):
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of {size} bytes of shared memory failed: "
+                                   f"{os.strerror(err)}")
         global _serial
         _serial += 1
         self.token = token
@@ -140,9 +151,11 @@ class _Segment:
         self.__array_interface__ = {"data": (address, False), "shape": (size,),
                                     "typestr": "|u1", "version": 3}
         # not at exit: arrays still referenced then (module globals) must stay mapped
-        weakref.finalize(self, _release, token, fd, address, size).atexit = False
-        with _FDS_LOCK:
-            _FDS[token] = fd
+        weakref.finalize(self, _release, token, fd, address, size, _serial,
+                         _foreign_forks).atexit = False
+        if fd >= 0:
+            with _FDS_LOCK:
+                _FDS[token] = fd
         _SEGMENTS[token] = self
         _trim_fds()
 
@@ -159,31 +172,65 @@ _A = TypeVar("_A", bound=np.ndarray)
 
 
 def _populate(a: _A) -> _A:
-    """Fault in the pages of ``a``'s new segment at once, before writing all of it.
+    """Map the pages of ``a``'s segment into this process at once, before writing all of it.
 
-    One ``madvise(MADV_POPULATE_WRITE)`` maps every page in one system call
-    instead of one page fault per 4 KiB page: about 30% less time for the
-    first write of fresh shared memory (measured on 256 MB).  Kernels before
-    5.14 refuse it; then the pages fault in as they are written.
+    One ``madvise`` maps every page in one system call instead of one page
+    fault per 4 KiB page (see :func:`_populate_range`).  Kernels before 5.14
+    refuse it; then the pages fault in as they are written.
+    """
+    seg = _segment_of(a)
+    if seg is not None and seg.size >= _POPULATE_MIN:
+        _populate_range(seg.address, seg.size, seg.fresh)
+        seg.fresh = False
+    return a
+
+
+def _populate_range(address: int, length: int, fresh: bool | None = None) -> None:
+    """Map the pages of ``[address, address + length)`` of a shared segment, to write them.
+
+    Measured per 4 KiB page on the development VM: new pages cost 3.6 us with
+    ``MADV_POPULATE_WRITE`` (4.4 us by write faults; 18 us with
+    ``MADV_POPULATE_READ``, which maps the zero page first); pages that exist
+    (a reused segment, a store target, in a forked worker) cost 1.0 us with
+    ``MADV_POPULATE_READ`` (a read fault on a shared writable mapping maps the
+    page writable), 2.2 us with ``POPULATE_WRITE`` and 4.5 us by write faults.
+    ``fresh=None``: ask the kernel (``mincore``) whether the first page exists.
     """
     global _can_populate
-    seg = _segment_of(a)
-    if (_can_populate and seg is not None and seg.size >= _POPULATE_MIN
-            and _libc.madvise(seg.address, seg.size, _MADV_POPULATE_WRITE) != 0):
+    if not _can_populate or length <= 0:
+        return
+    start = address - address % _PAGE
+    length += address - start
+    if fresh is None:
+        vec = ctypes.c_ubyte(0)
+        fresh = _libc.mincore(start, _PAGE, ctypes.byref(vec)) != 0 or not vec.value & 1
+    advice = _MADV_POPULATE_WRITE if fresh else _MADV_POPULATE_READ
+    if _libc.madvise(start, length, advice) != 0:
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
             _can_populate = False
         elif err == errno.ENOMEM:  # the write would fail the same way: numpy's error
-            raise MemoryError(f"Unable to allocate {seg.size} bytes of shared memory")
-    return a
+            raise MemoryError(f"Unable to allocate {length} bytes of shared memory")
 
 
-def _release(token: str, fd: int, address: int, size: int) -> None:
+def _release(token: str, fd: int, address: int, size: int, serial: int, forks: int) -> None:
+    """The last view of a segment in this process is gone: cache its memory, or unmap it."""
     with _FDS_LOCK:
-        if _FDS.get(token) == fd:  # else _trim_fds closed it already
+        if _FDS.get(token) == fd:
             del _FDS[token]
-            os.close(fd)
-    _libc.munmap(address, size)
+        else:  # _trim_fds closed it already
+            fd = -1
+    given = token in _given
+    _given.discard(token)
+    if given or serial <= _birth or forks != _foreign_forks or size < _CACHE_MIN:
+        _unmap(_Free(size, fd, address))  # another process may still see it
+        return
+    limit = _limit()
+    with _CACHE_LOCK:
+        if _unreaped:  # these workers may still hold a view: wait until they are reaped
+            _pending.append((_Free(size, fd, address), frozenset(_unreaped)))
+        else:
+            _keep(_Free(size, fd, address), limit)
 
 
 #: while > 0, a channel is about to send descriptors: _trim_fds leaves them open
@@ -216,18 +263,44 @@ def _recently_used(tokens: Iterable[str]) -> None:
                 _FDS.move_to_end(token)
 
 
+def _before_fork() -> None:
+    global _foreign_forks
+    if not getattr(_ours, "forking", False):
+        _foreign_forks += 1  # a child we will not reap may see every live segment
+
+
 def _after_fork_in_child() -> None:
-    global _pinned, _FDS_LOCK
+    global _pinned, _FDS_LOCK, _CACHE_LOCK, _birth, _cached_bytes
     _pinned = 0  # another thread of the parent may have been sending
     _FDS_LOCK = threading.RLock()  # ... or holding the lock
+    _CACHE_LOCK = threading.RLock()
+    # the parent's cache is the parent's: a child that reused it would write into
+    # memory the parent hands out next (its descriptors are closed here; the
+    # mappings go with the child)
+    for free in _cache + [free for free, _ in _pending]:
+        if free.fd >= 0:
+            os.close(free.fd)
+    _cache.clear()
+    _pending.clear()
+    _cached_bytes = 0
+    _LENT.clear()
+    _birth = _serial  # the segments that exist now are the parent's
+    _unreaped.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _new_segment(nbytes: int, token: str | None = None) -> _Segment:
-    """Allocate a zero-filled segment of at least ``nbytes`` (>= 1) bytes."""
+    """A segment of at least ``nbytes`` (>= 1) bytes: reused if one is free, else new.
+
+    A new one reads as zeros (``.fresh``); a reused one holds old bytes.
+    """
     size = max(int(nbytes), 1)  # mmap refuses length 0; zero-size arrays need a home too
+    if size >= _CACHE_MIN:
+        seg = _reuse(size, token)
+        if seg is not None:
+            return seg
     try:
         fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
     except OSError as e:
@@ -269,10 +342,13 @@ def _adopt_segment(fd: int, size: int, token: str) -> _Segment:
         os.close(fd)
         return seg
     try:
-        return _Segment(fd, size, token)
+        seg = _Segment(fd, size, token)
     except BaseException:
         os.close(fd)
         raise
+    if _in_worker:  # from the parent, which keeps it: never reuse it here
+        _given.add(token)
+    return seg
 
 
 def _segment_of(a: Any) -> _Segment | None:
@@ -477,6 +553,7 @@ def _parallel_concatenate(arrays: list, ax: int, shape: list, dtype: np.dtype,
     out = empty(shape, dtype)
     seg = _segment_of(out)
     assert seg is not None
+    fresh, seg.fresh = seg.fresh, False
     total = sum(a.nbytes for a in arrays)
     groups: list[tuple[int, int, list]] = []  # (start, stop along ax, inputs)
     start = done = 0
@@ -495,8 +572,8 @@ def _parallel_concatenate(arrays: list, ax: int, shape: list, dtype: np.dtype,
     def copy(k: int) -> None:
         try:
             lo = k * chunk
-            if _can_populate and lo < seg.size:
-                _libc.madvise(seg.address + lo, min(chunk, seg.size - lo), _MADV_POPULATE_WRITE)
+            if lo < seg.size:
+                _populate_range(seg.address + lo, min(chunk, seg.size - lo), fresh)
             a, b, inputs = groups[k]
             index = (slice(None),) * ax + (slice(a, b),)
             np.concatenate(inputs, axis=ax, out=out[index], casting=casting)  # type: ignore[call-overload]
@@ -606,7 +683,11 @@ def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
     >>> sharedmem.zeros(3)
     SharedArray([0., 0., 0.])
     """
-    return empty(shape, dtype, order)  # fresh anonymous memory is zero-filled
+    out = empty(shape, dtype, order)
+    seg = _segment_of(out)
+    if seg is not None and not seg.fresh:  # reused memory holds old bytes
+        ctypes.memset(seg.address, 0, out.nbytes)
+    return out
 
 
 def zeros_like(prototype: Any, dtype: Any = None, order: str = "K",
@@ -710,3 +791,191 @@ def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
     SharedArray([0, 1, 2])
     """
     return copy(np.fromiter(iter, dtype, count))
+
+
+# -- reuse: the cache of freed shared memory --------------------------------------
+#
+# New shared pages are the dominant cost of large results (3.6-4.4 us per 4 KiB
+# page here, against 1 us to map an existing one in a forked worker and nothing
+# to rewrite one this process has mapped).  So the memory of a freed segment is
+# kept (mapped, with its descriptor) and handed out again, under one rule:
+#
+#   memory is reused only when no other live process can hold a view of it.
+#
+# * A child forked while a segment was alive inherits its mapping.  Forks made
+#   by this package's worker pools are reported (_forked_child/_reaped_child):
+#   what is freed while such workers are unreaped waits in _pending until each
+#   of them has been reaped.  Any other fork (os.fork, multiprocessing's fork) is a
+#   child we never reap: every segment alive at that moment is never reused
+#   (_foreign_forks, compared in _release).
+# * A worker's segments that went to its parent stay the parent's, as do the
+#   parent's that a worker inherited or received: a worker never reuses them
+#   (_given, _birth).  A worker reuses only its own share of the parent's cache,
+#   lent to it at the fork for one use each (_lend, _LENT).
+# * A reused segment gets a new token: a handle pickled before it was freed
+#   never resolves to its new contents.
+# The cache holds at most dask config ``sharedmem.cache`` bytes (default: an
+# eighth of physical memory; 0 turns it off), oldest out first; trim() empties it.
+
+
+class _Free(NamedTuple):
+    """A freed segment's memory: mapped here, referenced by no array."""
+
+    size: int
+    fd: int  # -1 once _trim_fds or the budget closed it
+    address: int
+
+
+#: segments smaller than this are not kept: cheap to make anew, and each holds a descriptor
+_CACHE_MIN = 1 << 20
+_cache: list[_Free] = []  # oldest first
+_cached_bytes = 0
+#: freed while workers that may see them were unreaped: (memory, those workers' pids)
+_pending: list[tuple[_Free, frozenset[int]]] = []
+#: reentrant: a segment's finalizer may run, through the garbage collector, while it is held
+_CACHE_LOCK = threading.RLock()
+#: pids of this process's forked workers not yet reaped (pool.py reports both ends)
+_unreaped: set[int] = set()
+#: forks not made by our pools so far (see _before_fork)
+_foreign_forks = 0
+_ours = threading.local()  # .forking: pool.py is forking one of its workers
+#: _serial when this process was forked: segments up to it are its parent's
+_birth = 0
+#: tokens of segments another process may keep a view of (sent to or received from the parent)
+_given: set[str] = set()
+#: in a worker: the parent's cached segments lent to it for this session, each for one use
+_LENT: list[_Segment] = []
+
+
+def _limit() -> int:
+    """The cache's size in bytes (dask config ``sharedmem.cache``)."""
+    import dask.config
+    from dask.utils import parse_bytes
+
+    value = dask.config.get("sharedmem.cache", None)
+    if value is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    return int(parse_bytes(value) if isinstance(value, str) else value)
+
+
+def _fits(size: int, nbytes: int) -> bool:
+    """Whether a free segment of ``size`` bytes may serve ``nbytes`` (a quarter wasted at most)."""
+    return nbytes <= size <= nbytes + nbytes // 4 + _PAGE
+
+
+def _unmap(free: _Free) -> None:
+    _libc.munmap(free.address, free.size)
+    if free.fd >= 0:
+        os.close(free.fd)
+
+
+def _keep(free: _Free, limit: int) -> None:
+    """Put ``free`` in the cache, oldest out while over ``limit`` (_CACHE_LOCK held)."""
+    global _cached_bytes
+    if free.size > limit:
+        _unmap(free)
+        return
+    if free.fd >= 0 and len(_FDS) + len(_cache) >= _fd_budget:
+        os.close(free.fd)  # descriptors are a budget: the mapping is what is reused
+        free = free._replace(fd=-1)
+    _cache.append(free)
+    _cached_bytes += free.size
+    while _cached_bytes > limit:
+        old = _cache.pop(0)
+        _cached_bytes -= old.size
+        _unmap(old)
+
+
+def _reuse(nbytes: int, token: str | None) -> _Segment | None:
+    """A segment of at least ``nbytes`` from this worker's lent share or the cache."""
+    global _cached_bytes
+    if _LENT:
+        fitting = [s for s in _LENT if _fits(s.size, nbytes)]
+        if fitting and token is None:
+            seg = min(fitting, key=lambda s: s.size)
+            _LENT.remove(seg)
+            return seg
+    if not _cache:
+        return None
+    with _CACHE_LOCK:
+        fitting_free = [f for f in _cache if _fits(f.size, nbytes)]
+        if not fitting_free:
+            return None
+        free = min(fitting_free, key=lambda f: f.size)
+        _cache.remove(free)
+        _cached_bytes -= free.size
+    return _Segment(free.fd, free.size, token or os.urandom(12).hex(), free.address)
+
+
+def _lend(n: int) -> list[list[_Segment]]:
+    """Before forking ``n`` workers: each one's share of the cache.
+
+    Segments of one size are dealt out evenly (chunks of an array are alike);
+    what does not divide stays here, for this process (the join of the chunks).
+    The shares stay alive in the caller (``Workers``) until its workers are
+    reaped, so a worker's result in one is found here by its token.
+    """
+    global _cached_bytes
+    shares: list[list[_Segment]] = [[] for _ in range(n)]
+    if not _cache or n < 1:
+        return shares
+    with _CACHE_LOCK:
+        by_size: dict[int, list[_Free]] = {}
+        for free in _cache:
+            by_size.setdefault(free.size, []).append(free)
+        lent = []
+        for frees in by_size.values():
+            lent.extend(frees[:len(frees) - len(frees) % n])
+        for free in lent:
+            _cache.remove(free)
+            _cached_bytes -= free.size
+    for k, free in enumerate(lent):
+        shares[k % n].append(_Segment(free.fd, free.size, os.urandom(12).hex(), free.address))
+    return shares
+
+
+def _forked_child(pid: int) -> None:
+    """pool.py forked the worker ``pid``: it sees every segment alive now."""
+    with _CACHE_LOCK:
+        _unreaped.add(pid)
+
+
+def _reaped_child(pid: int) -> None:
+    """pool.py reaped the worker ``pid``: what only it (and the reaped) could see is free."""
+    limit = _limit() if _pending else 0
+    with _CACHE_LOCK:
+        _unreaped.discard(pid)
+        still = []
+        for free, seen_by in _pending:
+            if seen_by & _unreaped:
+                still.append((free, seen_by))
+            else:
+                _keep(free, limit)
+        _pending[:] = still
+
+
+def trim() -> int:
+    """Return the shared memory kept for reuse to the operating system; say how many bytes.
+
+    Freed shared arrays keep their memory in a bounded cache (dask config
+    ``sharedmem.cache``, bytes: default an eighth of physical memory, 0 turns
+    it off), because making shared memory anew costs several times more than
+    reusing it.  ``trim()`` empties it, e.g. before handing the memory to
+    another program.
+
+    Examples
+    --------
+    >>> import dask_sharedmem as sharedmem
+    >>> a = sharedmem.empty(1 << 21); del a
+    >>> sharedmem.trim() >= 0
+    True
+    """
+    global _cached_bytes
+    with _CACHE_LOCK:
+        frees = _cache + [free for free, _ in _pending]
+        _cache.clear()
+        _pending.clear()
+        _cached_bytes = 0
+    for free in frees:
+        _unmap(free)
+    return sum(f.size for f in frees)

@@ -24,10 +24,32 @@ per call)::
 * Workers ignore SIGINT (Ctrl-C is the parent's decision), ask the kernel to
   SIGKILL them if the parent dies (``PR_SET_PDEATHSIG``), and leave with
   ``os._exit`` so that no atexit handler or inherited buffer runs twice.
-* ``close`` (normal end) closes the sockets: workers read EOF (or find the
-  socket closed as they send) and exit 0.
-  ``kill`` (any error, KeyboardInterrupt included) SIGKILLs them.  Both reap
-  every worker before returning, so no zombie or orphan outlives a session.
+* ``close`` (normal end) shuts the sockets down for writing: workers read
+  EOF (or find the socket closed as they send), close every descriptor they
+  inherited (the caller's files and the locks on them, its pipes) and last
+  their socket, and exit 0.  ``close`` waits for that EOF, not for their exit
+  (see below): when it returns, no worker holds anything the caller could
+  notice but memory.  (A process a task forked does not keep the socket: it
+  is closed in every child a worker forks.)  ``kill`` (any error,
+  KeyboardInterrupt included) SIGKILLs them and reaps every one before
+  returning.
+
+Finished workers are reaped lazily, as ``subprocess`` reaps the Popen objects
+nobody waited for.  A worker's exit unmaps its copy of the caller's memory,
+which takes about as long as the fork did (milliseconds for a caller of
+100 MB, one worker after another); ``close`` leaves that to the kernel and
+puts the pids in ``_finished``.  Every session reaps those that have exited
+(``waitpid(pid, WNOHANG)``) when it starts and when it ends, and waits for
+the oldest while more than ``_MAX_FINISHED`` are pending, so a zombie lasts
+until the next session at most, or until the bound.  A pid that the caller's
+own ``os.wait()`` took first (ChildProcessError) counts as reaped.  Nothing
+is lost by not looking at their status: the session's results had all
+arrived, so a worker that dies now (even by a signal) is no error.  Each
+worker is reported once when forked (``memory._forked_child``) and once when
+known to be reaped (``memory._reaped_child``), whichever path reaps it:
+memory.py reuses shared memory only when no worker can still see it.  No
+orphan can outlive the caller either way: workers die with it
+(``PR_SET_PDEATHSIG``), zombies go to init.
 
 Exceptions raised in a worker travel as :func:`pack_exception` tuples: the
 worker's formatted traceback, and the exception pickled by
@@ -63,6 +85,7 @@ import io
 import numbers
 import os
 import pickle
+import resource
 import selectors
 import signal
 import socket
@@ -491,11 +514,98 @@ def _forget_inherited_thread_pools() -> None:
         threaded.pools_lock = threading.Lock()
 
 
+# -- finished workers, reaped lazily ------------------------------------------
+
+#: pids of workers whose session ended but which nobody has reaped yet, oldest first
+_finished: list[int] = []
+#: more pending than this and the oldest are waited for: zombies hold a pid
+#: each, and count against the user's process limit (RLIMIT_NPROC)
+_MAX_FINISHED = max(64, 4 * (os.cpu_count() or 1))
+
+
+def _collect(pid: int, block: bool) -> bool:
+    """``waitpid`` one finished worker; whether it is reaped now.
+
+    It is reaped once: by us, or by someone else's ``os.wait()`` (ChildProcessError).
+    Taking it out of ``_finished`` is what claims it, so that a thread (or a
+    signal handler) that collects it at the same moment reports it only once.
+    """
+    try:
+        done = os.waitpid(pid, 0 if block else os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        done = True
+    if done:
+        try:
+            _finished.remove(pid)
+        except ValueError:  # collected at the same time elsewhere, and reported there
+            return True
+        # after the claim: a Ctrl-C in between leaves memory.py believing it alive,
+        # so it waits to reuse what the worker saw rather than reusing it too early
+        memory._reaped_child(pid)
+    return done
+
+
+def _reap_finished(block: bool = False) -> None:
+    """Reap the finished workers that have exited; ``block``: wait for every one.
+
+    Then wait for the oldest while more than ``_MAX_FINISHED`` remain.
+    """
+    for pid in list(_finished):
+        _collect(pid, block)
+    for pid in list(_finished)[:max(0, len(_finished) - _MAX_FINISHED)]:
+        _collect(pid, block=True)
+
+
+#: in a worker: its socket to the parent, which no process it forks may keep
+_to_parent: socket.socket | None = None
+
+
+def _forget_parents_workers() -> None:
+    global _to_parent
+    _finished.clear()  # a child cannot reap its parent's children
+    if _to_parent is not None:
+        # the parent waits for the last copy of it to close (Workers._end): a
+        # process started by a task and left running must not make it wait
+        _to_parent.close()
+        _to_parent = None
+
+
+os.register_at_fork(after_in_child=_forget_parents_workers)
+
+
+def _close_descriptors(last: int) -> None:
+    """In a worker about to exit: close every descriptor, the socket ``last`` last.
+
+    Those inherited from the caller (its files and the locks on them, its
+    pipes) go first, and the caller waits for the socket's EOF: once
+    ``close()`` returns, no worker holds them, though unmapping the worker's
+    copy of the caller's memory still takes a while.
+    """
+    end = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if last < 0:  # already closed
+        os.closerange(0, end)
+        return
+    os.closerange(0, last)
+    os.closerange(last + 1, end)
+    os.close(last)
+
+
+def _wait_for_eof(sock: socket.socket) -> None:
+    """Wait until the worker at the other end has closed its socket (and so every
+    descriptor it had: see Workers._child); what it still sends is dropped."""
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError:  # ConnectionResetError: it is gone too
+        pass
+
+
 class Workers:
     """``n`` forked workers, each running ``main(channel, rank)``.
 
-    Use as a context manager: leaving normally closes and reaps the workers,
-    leaving with an exception (KeyboardInterrupt included) kills and reaps them.
+    Use as a context manager: leaving normally closes the workers (they exit
+    on their own and a later session reaps them), leaving with an exception
+    (KeyboardInterrupt included) kills and reaps them.
 
     >>> def main(chan, rank):
     ...     while True:
@@ -513,6 +623,7 @@ class Workers:
         self.threshold = threshold
         self.pids: list[int] = []
         self.channels: list[channel.Channel] = []
+        self._lent: list[list] = []
         self._selector: Any = None  # a selectors.DefaultSelector while started
         self._alive: set[int] = set()
 
@@ -531,6 +642,9 @@ class Workers:
             self.kill()
 
     def start(self) -> None:
+        # freed shared memory that finished workers may still map is reused (and
+        # lent to the new workers) only once they are reaped: worth their exit
+        _reap_finished(block=bool(memory._pending))
         parent = os.getpid()
         # every shared result that arrives holds descriptors; a refusal to take
         # one in recvmsg cannot be recovered, so lift the soft limit up front
@@ -545,6 +659,9 @@ class Workers:
             self._fork_all(parent)
 
     def _fork_all(self, parent: int) -> None:
+        # each worker's share of the freed shared memory kept for reuse: its results
+        # land in pages that exist (memory.py); held here until the workers are gone
+        self._lent = memory._lend(self.n)
         for rank in range(self.n):
             mine, theirs = channel.pair(self.threshold)
             # SIGINT waits until the child ignores it and the parent has recorded
@@ -553,15 +670,19 @@ class Workers:
             # child that kill() does not know about
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
+                memory._ours.forking = True  # a worker we reap: see memory._before_fork
                 try:
                     pid = os.fork()
                 except BaseException:
                     mine.close()
                     theirs.close()
                     raise
+                finally:
+                    memory._ours.forking = False
                 if pid == 0:  # pragma: no cover - runs in the child
                     mine.sock.close()
                     self._child(_WorkerChannel(theirs.sock, self.threshold), rank, parent, mask)
+                memory._forked_child(pid)
                 theirs.close()
                 mine.inherited = memory._serial  # the child knows every segment we have
                 self.pids.append(pid)
@@ -582,10 +703,14 @@ class Workers:
             # numpy's global random state came from the parent: every worker would draw
             # the same numbers (np.random.random() in two tasks gives one value twice);
             # re-seeded from the OS, as dask's processes scheduler does in its workers
-            default_initializer()
+            if "numpy.random" in sys.modules:  # else imported here later, seeded then
+                default_initializer()  # (importing it for this took 13-16 ms a worker)
             warnings.showwarning = _record_warning
             _CAUGHT.clear()
             memory._in_worker = True
+            memory._LENT[:] = self._lent[rank]
+            global _to_parent
+            _to_parent = chan.sock
             for sibling in self.channels:
                 sibling.sock.close()
             self.main(chan, rank)
@@ -600,7 +725,10 @@ class Workers:
                     stream.flush()
                 except BaseException:
                     pass
-            os._exit(code)
+            try:
+                _close_descriptors(chan.fileno())
+            finally:
+                os._exit(code)
 
     def send(self, rank: int, msg: Any) -> None:
         """Send ``msg`` to worker ``rank``.
@@ -639,13 +767,22 @@ class Workers:
         return out
 
     def _reap(self, rank: int) -> None:
-        _, status = os.waitpid(self.pids[rank], 0)
+        try:
+            how = describe_status(os.waitpid(self.pids[rank], 0)[1])
+        except ChildProcessError:
+            how = ("ended (its exit status is lost: SIGCHLD is ignored, or another "
+                   "wait() in this process took it)")
         self._alive.discard(rank)
+        memory._reaped_child(self.pids[rank])
         self._selector.unregister(self.channels[rank].sock)
-        raise WorkerDied(rank, self.pids[rank], describe_status(status))
+        raise WorkerDied(rank, self.pids[rank], how)
 
     def close(self) -> None:
-        """End the session: workers read EOF and exit; reap them all."""
+        """End the session: workers read EOF and exit 0, reaped by a later session.
+
+        Waiting here for each worker to exit (and unmap its copy of the
+        caller's memory) would cost as much as forking it.
+        """
         self._end(kill=False)
 
     def kill(self) -> None:
@@ -653,10 +790,11 @@ class Workers:
         self._end(kill=True)
 
     def _end(self, kill: bool) -> None:
+        pids = [self.pids[rank] for rank in sorted(self._alive)]
         if kill:
-            for rank in self._alive:
+            for pid in pids:
                 try:
-                    os.kill(self.pids[rank], signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         for chan in self.channels:
@@ -664,21 +802,23 @@ class Workers:
             # during the session (e.g. ResourceProfiler's tracker, started by a
             # callback) holds a copy of our end; shutdown acts on the socket itself
             try:
-                chan.sock.shutdown(socket.SHUT_RDWR)
+                chan.sock.shutdown(socket.SHUT_RDWR if kill else socket.SHUT_WR)
             except OSError:
                 pass
+        if not kill:
+            for rank in sorted(self._alive):
+                _wait_for_eof(self.channels[rank].sock)
+        for chan in self.channels:
             chan.close()
         if self._selector is not None:
             self._selector.close()
             self._selector = None
-        for rank in sorted(self._alive):
-            while True:
-                try:
-                    os.waitpid(self.pids[rank], 0)
-                    break
-                except ChildProcessError:
-                    break
-                except InterruptedError:
-                    continue
+        # finished workers from here on: one place reaps and reports each, once,
+        # even if a Ctrl-C interrupts the waits below (or this, and _end runs again)
+        _finished.extend(pid for pid in pids if pid not in _finished)
         self._alive.clear()
         self.channels = []
+        if kill:
+            for pid in pids:
+                _collect(pid, block=True)
+        _reap_finished()

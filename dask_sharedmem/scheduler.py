@@ -41,6 +41,7 @@ running.
 from __future__ import annotations
 
 import numbers
+import sys
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -48,7 +49,7 @@ from typing import Any
 
 import dask
 import numpy as np
-from dask._task_spec import convert_legacy_graph
+from dask._task_spec import Task, convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
@@ -229,6 +230,21 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         state.clear()
 
 
+def _joins(dsk: Mapping, wanted: set) -> set:
+    """The wanted keys that join dask.array chunks into the caller's result.
+
+    They run in the caller's process: the chunks are there already (as
+    handles to shared memory), and the joined array is made in private
+    memory, which numpy gets with huge pages, as threads would; in a worker
+    it would be a second 512 MB of new shared memory for a 512 MB result,
+    made at several times that cost, and sent back.
+    """
+    finalize = getattr(sys.modules.get("dask.array.core"), "finalize", None)
+    if finalize is None:
+        return set()
+    return {k for k in wanted if isinstance(dsk.get(k), Task) and dsk[k].func is finalize}
+
+
 class _GraphChanged(Exception):
     """A ``start`` callback changed the graph after the workers were forked."""
 
@@ -254,6 +270,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     """
     before = dict(dsk) if start_cbs else None
     runnable, targets = forksafe.prepare(dsk)
+    here = _joins(runnable, wanted)
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
@@ -323,6 +340,9 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         while ready and len(batch) < size:
             key = ready.pop()
             start(key)
+            if key in here:
+                run_here(key)
+                continue
             chained = None
             while True:
                 deps = state["dependencies"][key]
@@ -330,6 +350,8 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 # posttask callbacks (dask.cache.Cache, CacheProfiler) are shown every
                 # result, which a chain keeps in the worker: no chains for them
                 nxt = follow(key) if len(batch) < _CHAIN_MAX and not posttask_cbs else None
+                if nxt in here:
+                    nxt = None
                 batch.append((counter, key, data, chained, nxt is None))
                 numbered[counter] = key
                 numbers.append(counter)
@@ -340,6 +362,11 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         if batch:
             inflight[rank].append(numbers)
             w.send(rank, batch)
+
+    def run_here(key: Any) -> None:
+        """Run ``key`` in this process: its inputs are here, and so is the caller."""
+        data = {d: cache[d] for d in state["dependencies"][key]}
+        finish(key, runnable[key](data), nworkers)
 
     def finish(key: Any, res: Any, rank: int) -> None:
         if key not in running:  # a chained task: its input was made in the worker

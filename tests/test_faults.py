@@ -58,7 +58,14 @@ from conftest import (
 from dask.callbacks import Callback
 
 import dask_sharedmem
-from dask_sharedmem import LostExceptionType, MapReduce, WorkerDied, WorkerException, memory
+from dask_sharedmem import (
+    LostExceptionType,
+    MapReduce,
+    WorkerDied,
+    WorkerException,
+    memory,
+    pool,
+)
 from dask_sharedmem.pool import LostException, RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -749,6 +756,71 @@ def test_fork_fails_after_the_first_worker(engine, error, monkeypatch, case):
     assert len(forked) == 1 and forked[0] not in children()
     monkeypatch.undo()
     still_works(engine)
+
+
+# -- after a normal end: finished workers are reaped lazily ----------------------------
+
+def finished_session(engine, case):
+    """A session that ends normally; return its two workers' pids."""
+    with case.timed():
+        assert run(engine, [lambda: case.meet(0), lambda: case.meet(1)]) == [True, True]
+    return case.slots[:2].tolist()
+
+
+def exited(pid):
+    """Block until ``pid`` has ended, without reaping it; False if it was reaped already."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_killed_right_after_a_normal_end(engine, case):
+    """The results were all in: a worker that dies as it exits is no error, and is reaped."""
+    pids = finished_session(engine, case)
+    for pid in pids:
+        if pid in pool._finished:  # exiting, or exited and not reaped: not another process
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        exited(pid)
+    still_works(engine)
+    assert not set(pids) & set(children()) and not set(pids) & set(pool._finished)
+
+
+@pytest.mark.parametrize("how", ["os.wait()", "os.waitpid(-1, 0)"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_users_own_wait_takes_a_finished_worker(engine, how, case):
+    """What the caller's os.wait() may now see: one of our workers, exit status 0."""
+    pids = finished_session(engine, case)
+    if not set(pids) & set(pool._finished):
+        pytest.skip("both workers exited and were reaped as the session ended")
+    pid, status = os.wait() if how == "os.wait()" else os.waitpid(-1, 0)
+    assert pid in pids and os.waitstatus_to_exitcode(status) == 0
+    case.note = f"  (the caller's {how} returned worker {pid}, exit status 0)"
+    still_works(engine)  # finds it gone: counted as reaped, once (no_leaks checks the count)
+    assert not set(pids) & set(pool._finished)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigchld_ignored(engine, case):
+    """With SIGCHLD ignored the kernel reaps every worker: sessions and deaths still work."""
+    def doomed():
+        case.meet(0)
+        case.fault()
+        die("SIGKILL")
+
+    saved = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        still_works(engine)
+        with case.expect(engine, WorkerDied, "exit status is lost"):
+            run(engine, [doomed, lambda: case.busy(1)])
+        still_works(engine)
+        pool._reap_finished(block=True)
+    finally:
+        signal.signal(signal.SIGCHLD, saved)
+    assert not pool._finished
 
 
 # -- a session inside a worker ---------------------------------------------------------

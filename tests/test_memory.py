@@ -15,6 +15,7 @@ import sys
 import traceback
 import warnings
 
+import dask
 import numpy as np
 import pytest
 
@@ -25,6 +26,14 @@ pytestmark = pytest.mark.timeout(60)
 
 MB = 2**20
 STRUCT = np.dtype([("id", "i4"), ("pos", "f8", (3,)), ("name", "U5")])
+
+
+@pytest.fixture
+def no_cache():
+    """Freed memory goes back to the system at once (sharedmem.cache = 0)."""
+    memory.trim()
+    with dask.config.set({"sharedmem.cache": 0}):
+        yield
 
 
 def fork(fn):
@@ -538,6 +547,7 @@ def test_order_fromiter_and_fortran_copy():
     assert sm.fromiter((x / 2 for x in range(4)), "f4").tolist() == [0, 0.5, 1, 1.5]
 
 
+@pytest.mark.usefixtures("no_cache")
 def test_view_keeps_memory_alive():
     """A view keeps the segment mapped after the original is gone; the last one frees it."""
     gc.collect()
@@ -555,6 +565,7 @@ def test_view_keeps_memory_alive():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.usefixtures("no_cache")
 def test_memory_returned_to_os():
     """1 GiB allocated, partly touched and dropped 50 times: RSS and open fds stay flat.
 
@@ -689,3 +700,141 @@ def test_populating_maps_every_page_of_a_new_segment_without_writing():
     if memory._can_populate:  # kernels before 5.14 refuse; then nothing to check
         assert resident_bytes(seg.address) == seg.size
     assert not a.any()  # still zeros
+
+
+# -- reuse of freed shared memory (memory.py's cache) ---------------------------------
+
+BIG = 4 * MB // 8  # float64 items in 4 MiB: over memory._CACHE_MIN
+
+
+@pytest.fixture
+def cache():
+    """An empty cache of 64 MiB, emptied again afterwards."""
+    memory.trim()
+    with dask.config.set({"sharedmem.cache": 64 * MB}):
+        yield
+    memory.trim()
+
+
+def test_freed_memory_is_reused_and_zeros_are_zero(cache):
+    a = sm.full(BIG, 5.0)
+    address = a.__array_interface__["data"][0]
+    del a
+    assert memory._cached_bytes >= BIG * 8
+    z = sm.zeros(BIG)
+    assert z.__array_interface__["data"][0] == address  # the same memory, reused
+    assert not z.any()
+    e = sm.empty(BIG)  # a new segment: nothing left to reuse
+    assert e.__array_interface__["data"][0] != address
+
+
+def test_cache_disabled_returns_memory_at_once():
+    memory.trim()
+    with dask.config.set({"sharedmem.cache": 0}):
+        a = sm.full(BIG, 5.0)
+        del a
+        assert memory._cached_bytes == 0
+
+
+def test_cache_is_bounded(cache):
+    arrays = [sm.full(BIG, float(i)) for i in range(40)]  # 160 MiB
+    del arrays
+    assert 0 < memory._cached_bytes <= 64 * MB
+    assert memory.trim() > 0 and memory._cached_bytes == 0
+
+
+def test_a_pickled_handle_never_sees_reused_memory(cache):
+    a = sm.full(BIG, 1.0)
+    blob = pickle.dumps(a[10:20], protocol=4)
+    del a
+    b = sm.full(BIG, 2.0)  # reuses a's memory
+    with pytest.raises(pickle.UnpicklingError, match="refers to shared memory that does not"):
+        pickle.loads(blob)
+    assert (b == 2.0).all()
+
+
+def _child_sees(start_child, expected):
+    """Free an array that a child still views, allocate again, and ask the child what it sees.
+
+    ``start_child(a, go)`` starts a process holding a view of ``a`` that waits
+    on the pipe ``go`` and then returns ``a.sum()`` (how depends on the kind
+    of child).  Unsafe reuse would give it the new array's values.
+    """
+    a = sm.full(BIG, 1.0)
+    r, w = os.pipe()
+    finish = start_child(a, r)
+    del a
+    b = sm.full(BIG, 2.0)  # would land in a's memory if it were reused
+    os.write(w, b"x")
+    seen = finish()
+    os.close(r)
+    os.close(w)
+    assert seen == expected * BIG
+    assert (b == 2.0).all()
+
+
+def test_memory_a_background_child_views_is_not_reused(cache):
+    def start(a, r):
+        bg = sm.background(lambda: (os.read(r, 1), float(a.sum()))[1])
+        return bg.wait
+
+    _child_sees(start, 1.0)
+
+
+def test_memory_a_users_fork_child_views_is_not_reused(cache):
+    def start(a, r):
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)
+            os.write(out_w, str(float(a.sum())).encode())
+            os._exit(0)
+
+        def finish():
+            value = float(os.read(out_r, 100))
+            os.waitpid(pid, 0)
+            os.close(out_r)
+            os.close(out_w)
+            return value
+        return finish
+
+    _child_sees(start, 1.0)
+
+
+def test_memory_a_worker_stashed_is_not_reused_during_the_map(cache):
+    """A worker keeps a view of an input; the caller frees it and allocates anew in reduce."""
+    inputs = [sm.full(BIG, 1.0)]
+    stash = []
+    news = []
+
+    with sm.MapReduce(np=1) as pool:
+        def work(i):
+            if i == 0:
+                stash.append(inputs[0][:])  # kept past the item, in the worker
+                return 0.0
+            return float(stash[0].sum())
+
+        def reduce(value):
+            if not news:
+                inputs.clear()  # the caller's last view: freed here
+                news.append(sm.full(BIG, 2.0))
+            return value
+
+        out = pool.map(work, range(2), reduce=reduce)
+    assert out == [0.0, BIG * 1.0]
+    assert (news[0] == 2.0).all()
+
+
+def test_workers_write_results_into_lent_memory(cache):
+    """Memory freed after one compute is lent to the next one's workers for their results."""
+    def compute(value):
+        parts = [dask.delayed(np.full)(BIG, value, dtype="f8") for _ in range(4)]
+        return dask.compute(*parts, scheduler=sm.get, num_workers=2)
+
+    first = compute(1.0)
+    addresses = {a.__array_interface__["data"][0] for a in first}
+    del first  # kept for reuse once the workers that made it are reaped
+    again = compute(2.0)
+    assert all((a == 2.0).all() for a in again)
+    reused = {a.__array_interface__["data"][0] for a in again} & addresses
+    assert len(reused) == 4, "every result should land in memory the first compute freed"

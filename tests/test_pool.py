@@ -22,7 +22,7 @@ import pytest
 from conftest import BadStr, Formatted, TwoArgs, Unpicklable, children, running, seen
 
 import dask_sharedmem as sharedmem
-from dask_sharedmem import channel, memory
+from dask_sharedmem import channel, memory, pool
 from dask_sharedmem.pool import (
     LostException,
     RemoteTraceback,
@@ -52,8 +52,19 @@ def poll_all(w, count):
 
 
 def wait_exited(pid):
-    """Block until ``pid`` has ended, without reaping it (that is the pool's job)."""
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    """Block until ``pid`` has ended, without reaping it (that is the pool's job;
+    it may have done it already: close() waits for the worker's last descriptor,
+    and a worker that exits at once is reaped by the same close)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass
+
+
+def reaped_or_pending(pids):
+    """After a normal close: each worker is reaped, or waits in ``pool._finished``."""
+    ours = set(children())
+    return all(pid in pool._finished or pid not in ours for pid in pids)
 
 
 # -- Workers -------------------------------------------------------------------
@@ -71,6 +82,8 @@ def test_echo():
         r, pid, msg = got[rank]
         assert r == rank and pid == pids[rank] != parent
         assert msg == {"n": rank, "data": [rank] * 3}
+    assert reaped_or_pending(pids)
+    pool._reap_finished(block=True)
     assert not set(pids) & set(children())
 
 
@@ -159,7 +172,8 @@ def test_worker_exits_quietly_when_the_session_ended_before_it_sent(capfd):
 
     with Workers(1, main) as w:
         pid = w.pids[0]
-    assert not running(pid)
+    pool._reap_finished(block=True)
+    assert pid not in children()
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -204,16 +218,181 @@ def test_leaving_with_an_error_kills_busy_workers(error):
             pids = [msg for _, msg in sorted(poll_all(w, 2).items())]
             raise error()
     assert pids == w.pids
-    assert not set(pids) & set(children())
+    assert not set(pids) & set(children())  # reaped at once, not left for later
+    assert not set(pids) & set(pool._finished)
 
 
-def test_close_reaps_idle_workers():
-    w = Workers(2, echo)
+# -- finished workers, reaped lazily ---------------------------------------------
+
+def lingering(chan, rank):
+    """A worker that does not exit when its session ends: only SIGKILL ends it.
+
+    It closes its socket first, as every worker does before it exits (close()
+    waits for that, not for the exit).
+    """
+    chan.send(os.getpid())
+    try:
+        chan.recv()
+    except EOFError:
+        chan.sock.close()
+        time.sleep(600)
+
+
+def test_close_does_not_wait_for_workers_to_exit():
+    t0 = time.perf_counter()
+    with Workers(2, lingering) as w:
+        poll_all(w, 2)
+        pids = list(w.pids)
+    print(f"\nclose with two workers that never exit: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    assert all(running(pid) for pid in pids)
+    assert set(pids) <= set(pool._finished)
+    w.close()  # a second close is harmless
+    for pid in pids:  # what ends them (or the OOM killer) is no error
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_finished_workers_are_reaped_by_the_next_session():
+    w = Workers(3, echo)
     w.start()
     pids = list(w.pids)
+    assert set(pids) <= memory._unreaped  # reported to memory.py when forked
     w.close()
+    assert reaped_or_pending(pids)
+    for pid in pids:
+        wait_exited(pid)  # exited (a zombie, or reaped already), not reaped here
+    with Workers(1, echo) as w2:
+        assert not set(pids) & set(children()) and not set(pids) & set(pool._finished)
+        assert not set(pids) & memory._unreaped and w2.pids[0] in memory._unreaped
+        w2.send(0, "x")
+        poll_all(w2, 1)
+
+
+def test_a_worker_killed_after_a_normal_close_is_no_error_and_is_reaped():
+    with Workers(2, lingering) as w:
+        poll_all(w, 2)
+        pids = list(w.pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        wait_exited(pid)
+    with Workers(2, echo) as w:
+        for rank in range(2):
+            w.send(rank, rank)
+        assert len(poll_all(w, 2)) == 2
+        assert not set(pids) & set(children())
+
+
+def test_pending_workers_never_exceed_the_bound(monkeypatch):
+    """Workers that take a while to exit: sessions wait for the oldest past the bound."""
+    monkeypatch.setattr(pool, "_MAX_FINISHED", 3)
+
+    def slow_to_exit(chan, rank):
+        try:
+            chan.recv()
+        except EOFError:
+            chan.sock.close()
+            time.sleep(0.02)
+
+    most = 0
+    for _ in range(20):
+        with Workers(2, slow_to_exit):
+            pass
+        most = max(most, len(pool._finished))
+        assert len(pool._finished) <= 3 and len(children()) <= 3
+    assert most == 3  # they did pile up to the bound
+
+
+def test_many_sessions_stay_within_the_default_bound():
+    for _ in range(100):
+        with Workers(2, echo) as w:
+            w.send(0, "x")
+            poll_all(w, 1)
+        assert len(pool._finished) <= pool._MAX_FINISHED
+    assert len(children()) <= pool._MAX_FINISHED
+
+
+@pytest.mark.parametrize("how", ["os.wait()", "os.waitpid(-1, 0)"])
+def test_a_users_wait_may_reap_a_finished_worker(how):
+    """The caller's own os.wait() sees one of our finished workers, exit status 0."""
+    r, w = os.pipe()
+
+    def main(chan, rank):
+        try:
+            chan.recv()
+        except EOFError:
+            chan.sock.close()
+            os.read(r, 1)  # exit (with code 0) when the test says so
+
+    try:
+        with Workers(2, main) as session:
+            pids = list(session.pids)
+        assert set(pids) <= set(pool._finished)
+        os.write(w, b"xx")
+    finally:
+        os.close(r)
+        os.close(w)
+    for pid in pids:
+        wait_exited(pid)
+    pid, status = os.wait() if how == "os.wait()" else os.waitpid(-1, 0)
+    assert pid in pids and os.waitstatus_to_exitcode(status) == 0
+    with Workers(2, echo) as w:  # the next session finds it gone: reported as reaped
+        for rank in range(2):
+            w.send(rank, rank)
+        assert len(poll_all(w, 2)) == 2
+        assert not set(pids) & set(pool._finished) and not set(pids) & memory._unreaped
+
+
+def test_kill_reaps_at_once():
+    w = Workers(3, lingering)
+    w.start()
+    poll_all(w, 3)
+    pids = list(w.pids)
+    w.kill()
+    assert not set(pids) & set(children()) and not set(pids) & set(pool._finished)
+    assert not set(pids) & memory._unreaped
+    w.kill()  # harmless, as is a close after it
+    w.close()
+
+
+def test_concurrent_sessions_reap_every_worker_once():
+    """Sessions in several threads reap the same list: each pid is claimed by one."""
+    errors, pids = [], []
+
+    def sessions():
+        try:
+            for _ in range(20):
+                with Workers(2, echo) as w:
+                    w.send(1, "x")
+                    poll_all(w, 1)
+                pids.extend(w.pids)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=sessions) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(pids)) == 120
+    pool._reap_finished(block=True)
+    assert not pool._finished and not set(pids) & memory._unreaped
     assert not set(pids) & set(children())
-    w.close()  # a second close is harmless
+
+
+def test_a_worker_does_not_inherit_the_finished_list():
+    def main(chan, rank):
+        chan.send(list(pool._finished))
+        chan.recv()
+
+    with Workers(2, lingering) as w:  # two pending, for as long as this test runs
+        poll_all(w, 2)
+        pending = list(w.pids)
+    try:
+        assert set(pending) <= set(pool._finished)
+        with Workers(1, main) as w:
+            assert poll_all(w, 1) == {0: []}
+    finally:
+        for pid in pending:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_worker_dies_with_its_parent():
@@ -574,3 +753,22 @@ def test_spilled_message_is_complete_once_its_descriptors_are_sent():
         a.sock = a.sock.sock
         a.close()
     assert errors == []
+
+
+def test_after_a_session_no_worker_holds_the_callers_descriptors():
+    """Workers are reaped lazily, but close() returns only once each has closed what it
+    inherited: a pipe the caller closes reads EOF at once, as with threads (a file lock
+    held through an inherited descriptor is released the same way)."""
+    import select
+
+    for engine in ("get", "map"):
+        r, w = os.pipe()
+        if engine == "get":
+            assert sharedmem.get({"x": (abs, -1)}, "x", num_workers=2) == 1
+        else:
+            with sharedmem.MapReduce(np=2) as pool:
+                assert pool.map(abs, [-1, -2]) == [1, 2]
+        os.close(w)
+        readable, _, _ = select.select([r], [], [], 0)  # no waiting: EOF must be there
+        assert readable and os.read(r, 1) == b"", engine
+        os.close(r)

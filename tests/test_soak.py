@@ -3,8 +3,11 @@
 Each test repeats one kind of session many times and checks that the
 parent's resident memory (after a warm-up; a little slack for allocator
 noise), open file descriptors, child processes and live shared segments do
-not grow.  By default (CI) each loop runs 50 times; for the long run set
-``DASK_SHAREDMEM_SOAK`` to the number of iterations::
+not grow.  Workers of a session that ended normally are reaped lazily (by a
+later session, see pool.py): their number stays within the bound during the
+loop, and resources are counted after waiting for them.  By default (CI)
+each loop runs 50 times; for the long run set ``DASK_SHAREDMEM_SOAK`` to the
+number of iterations::
 
     DASK_SHAREDMEM_SOAK=1000 pytest tests/test_soak.py -m soak -s
 
@@ -22,7 +25,7 @@ import pytest
 from conftest import children, live_segments, measured, open_fds, status
 
 import dask_sharedmem
-from dask_sharedmem import MapReduce
+from dask_sharedmem import MapReduce, memory, pool
 
 N = int(os.environ.get("DASK_SHAREDMEM_SOAK", "50"))
 WARMUP = 5
@@ -35,7 +38,9 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + N), pytest.mark.usefix
 
 
 def resources():
+    pool._reap_finished(block=True)
     gc.collect()
+    memory.trim()  # the bounded cache of freed shared memory is no leak (see conftest)
     return {"rss": status("VmRSS"), "anon": status("RssAnon"), "fds": len(open_fds()),
             "children": len(children()), "segments": live_segments()}
 
@@ -53,8 +58,10 @@ def soak(name, step):
     start = resources()
     reset_peak()
     t0 = time.perf_counter()
+    pending = 0  # finished workers not reaped yet, at most
     for _ in range(N):
         step()
+        pending = max(pending, len(pool._finished))
     seconds = time.perf_counter() - t0
     peak = status("VmHWM")
     end = resources()
@@ -63,7 +70,9 @@ def soak(name, step):
              f"RSS {mb(start['rss'])} -> {mb(end['rss'])} (peak {mb(peak)}), anonymous "
              f"{mb(start['anon'])} -> {mb(end['anon'])}; fds {start['fds']} -> {end['fds']}, "
              f"children {start['children']} -> {end['children']}, live segments "
-             f"{start['segments']} -> {end['segments']}")
+             f"{start['segments']} -> {end['segments']}; finished workers pending at most "
+             f"{pending} (bound {pool._MAX_FINISHED})")
+    assert pending <= pool._MAX_FINISHED
     for key in ("fds", "children", "segments"):
         assert end[key] <= start[key], (key, start, end)
     assert end["rss"] - start["rss"] <= SLACK, (start, end)
