@@ -29,8 +29,10 @@ forked child inherits).  That is what pickling uses:
   lose: where its segment is unknown -- another process, or the original is
   gone -- it unpickles as a new empty shared array, with any protocol.
 
-Memory goes back to the operating system when the last view of a segment is
-gone: a ``weakref.finalize`` unmaps it and closes its memfd.  The file
+When the last view of a segment is gone, a ``weakref.finalize`` keeps its
+memory for reuse (see "reuse" at the end of this module: a bounded cache,
+and the rule that no other live process may still see what is reused) or
+unmaps it and closes its memfd.  The file
 descriptor is kept open while the segment lives because ``channel.py`` passes
 it to other processes (``SCM_RIGHTS``) so that results made in one worker can
 be mapped by the parent and by others -- but only up to half the limit on

@@ -28,6 +28,15 @@ Dispatch::
     cache[key] = result; finish_task;   <--------  send ("done", [(key, result)..])
     posttask callbacks; dispatch more
 
+Before the fork, ``forksafe.prepare`` rewrites what the graph holds that
+would go silently wrong in a forked worker (dask's partd shuffle buffers,
+``da.store`` into private memory: see forksafe.py); the writes that a store
+leaves for the caller come back with the batch's results and are applied
+before its tasks count as done.  The join of a dask array's chunks (the
+wanted key whose task is ``dask.array.core.finalize``) runs in the caller,
+into private memory, as threads would.  Warnings that tasks issue come back
+before the results and are re-issued here (pool.py).
+
 Each worker has up to two batches in flight, so it never waits for the
 parent between tasks -- for slow tasks only while many are ready, since a
 second batch queued behind a slow one near the end leaves the other workers
