@@ -118,7 +118,9 @@ class _Pickler(pickle.Pickler):
             cls = np.ndarray
         else:
             cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
-            if seg.serial <= self.inherited:
+            # the receiver knows it: it forked after it was made, or (in a worker)
+            # it is the parent's memory lent to this worker for its results
+            if seg.serial <= self.inherited or seg.token in memory._lent_tokens:
                 return memory._rebuild, (memory._handle(obj, seg), None, cls)
         if seg.token not in self.tokens:
             if seg.fd < 0 or len(self.tokens) + len(self.packs) >= self.max_fds:

@@ -227,6 +227,12 @@ def _release(token: str, fd: int, address: int, size: int, serial: int, forks: i
     if given or serial <= _birth or forks != _foreign_forks or size < _CACHE_MIN:
         _unmap(_Free(size, fd, address))  # another process may still see it
         return
+    if fd >= 0:
+        # descriptors are a budget (a process may be allowed 128): what is kept for
+        # reuse is the mapping; a reused segment then crosses by value to a process
+        # that did not inherit it (channel.py), lent ones as the parent's own
+        os.close(fd)
+        fd = -1
     limit = _limit()
     with _CACHE_LOCK:
         if _unreaped:  # these workers may still hold a view: wait until they are reaped
@@ -286,6 +292,7 @@ def _after_fork_in_child() -> None:
     _pending.clear()
     _cached_bytes = 0
     _LENT.clear()
+    _lent_tokens.clear()
     _birth = _serial  # the segments that exist now are the parent's
     _unreaped.clear()
 
@@ -821,10 +828,10 @@ def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
 
 
 class _Free(NamedTuple):
-    """A freed segment's memory: mapped here, referenced by no array."""
+    """A freed segment's memory: mapped here, referenced by no array (its fd closed)."""
 
     size: int
-    fd: int  # -1 once _trim_fds or the budget closed it
+    fd: int  # -1: kept memory holds no descriptor (the field is for _Segment's sake)
     address: int
 
 
@@ -847,6 +854,8 @@ _birth = 0
 _given: set[str] = set()
 #: in a worker: the parent's cached segments lent to it for this session, each for one use
 _LENT: list[_Segment] = []
+#: ... and their tokens, which cross to the parent as bare handles (it holds them)
+_lent_tokens: set[str] = set()
 
 
 def _limit() -> int:
@@ -877,9 +886,6 @@ def _keep(free: _Free, limit: int) -> None:
     if free.size > limit:
         _unmap(free)
         return
-    if free.fd >= 0 and len(_FDS) + len(_cache) >= _fd_budget:
-        os.close(free.fd)  # descriptors are a budget: the mapping is what is reused
-        free = free._replace(fd=-1)
     _cache.append(free)
     _cached_bytes += free.size
     while _cached_bytes > limit:

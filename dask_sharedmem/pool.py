@@ -709,6 +709,7 @@ class Workers:
             _CAUGHT.clear()
             memory._in_worker = True
             memory._LENT[:] = self._lent[rank]
+            memory._lent_tokens.update(seg.token for seg in self._lent[rank])
             global _to_parent
             _to_parent = chan.sock
             for sibling in self.channels:
