@@ -118,10 +118,10 @@ class _Pickler(pickle.Pickler):
             cls = np.ndarray
         else:
             cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
-            # the receiver knows it: it forked after it was made, or (in a worker)
-            # it is the parent's memory lent to this worker for its results
-            if seg.serial <= self.inherited or seg.token in memory._lent_tokens:
-                return memory._rebuild, (memory._handle(obj, seg), None, cls)
+        # the receiver knows it: it forked after it was made, or (in a worker) it
+        # is the parent's memory lent to this worker for its results (memory.py)
+        if seg.serial <= self.inherited or seg.token in memory._lent_tokens:
+            return memory._rebuild, (memory._handle(obj, seg), None, cls)
         if seg.token not in self.tokens:
             if seg.fd < 0 or len(self.tokens) + len(self.packs) >= self.max_fds:
                 return memory._rebuild, (memory._handle(obj, seg), memory._pickle_data(obj), cls)
