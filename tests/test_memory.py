@@ -825,8 +825,18 @@ def test_memory_a_worker_stashed_is_not_reused_during_the_map(cache):
     assert (news[0] == 2.0).all()
 
 
-def test_workers_write_results_into_lent_memory(cache):
-    """Memory freed after one compute is lent to the next one's workers for their results."""
+def test_workers_write_results_into_lent_memory(cache, monkeypatch):
+    """Memory freed after one compute is lent to the next one's workers for their results,
+    which cross back as handles: no copy of their data travels in a message."""
+    copied = sm.zeros((), dtype="i8")  # counts, in the workers, data sent by value
+    pickle_data = memory._pickle_data
+
+    def counting(a):
+        copied[...] += 1
+        return pickle_data(a)
+
+    monkeypatch.setattr(memory, "_pickle_data", counting)
+
     def compute(value):
         parts = [dask.delayed(np.full)(BIG, value, dtype="f8") for _ in range(4)]
         return dask.compute(*parts, scheduler=sm.get, num_workers=2)
@@ -838,3 +848,4 @@ def test_workers_write_results_into_lent_memory(cache):
     assert all((a == 2.0).all() for a in again)
     reused = {a.__array_interface__["data"][0] for a in again} & addresses
     assert len(reused) == 4, "every result should land in memory the first compute freed"
+    assert copied == 0
