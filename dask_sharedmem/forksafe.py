@@ -222,11 +222,12 @@ def _store_chunk(ident: int | None, x: Any, out: Any, index: Any, region: Any, l
     """``load_store_chunk`` in a worker: in place if shared, else through the parent."""
     from dask.array.core import fuse_slice, load_store_chunk
 
+    if region:  # as load_store_chunk does, once for both ways below
+        index = fuse_slice(region, index) if index else region
     if _in_place(out) or not memory._in_worker:
         if x is not None and getattr(x, "nbytes", 0) >= memory._POPULATE_MIN:
-            _populate_target(out, fuse_slice(region, index) if region and index else
-                             region or index)
-        return load_store_chunk(x, out, index, region, lock, return_stored, load_stored)
+            _populate_target(out, index)
+        return load_store_chunk(x, out, index, None, lock, return_stored, load_stored)
     if ident is None:
         raise RuntimeError(
             f"da.store into a {type(out).__module__}.{type(out).__qualname__} that the graph "
@@ -234,8 +235,6 @@ def _store_chunk(ident: int | None, x: Any, out: Any, index: Any, region: Any, l
             "sees. Make the target before computing (it is then written by the calling "
             "process), or store into shared memory (dask_sharedmem.empty), or use "
             "scheduler='threads'.")
-    if region:
-        index = fuse_slice(region, index) if index else region
     if x is not None and x.size != 0:
         _WRITES.append((ident, index, x))
     if not return_stored:

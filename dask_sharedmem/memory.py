@@ -217,28 +217,25 @@ def _populate_range(address: int, length: int, fresh: bool | None = None) -> Non
 
 def _release(token: str, fd: int, address: int, size: int, serial: int, forks: int) -> None:
     """The last view of a segment in this process is gone: cache its memory, or unmap it."""
+    # descriptors are a budget (a process may be allowed 128): what is kept for
+    # reuse is the mapping only; a reused segment crosses by value to a process
+    # that did not inherit it (channel.py), lent ones as the parent's own
     with _FDS_LOCK:
-        if _FDS.get(token) == fd:
+        if _FDS.get(token) == fd:  # else _trim_fds closed it already
             del _FDS[token]
-        else:  # _trim_fds closed it already
-            fd = -1
+            os.close(fd)
+    free = _Free(size, address)
     given = token in _given
     _given.discard(token)
     if given or serial <= _birth or forks != _foreign_forks or size < _CACHE_MIN:
-        _unmap(_Free(size, fd, address))  # another process may still see it
+        _unmap(free)  # another process may still see it
         return
-    if fd >= 0:
-        # descriptors are a budget (a process may be allowed 128): what is kept for
-        # reuse is the mapping; a reused segment then crosses by value to a process
-        # that did not inherit it (channel.py), lent ones as the parent's own
-        os.close(fd)
-        fd = -1
     limit = _limit()
     with _CACHE_LOCK:
         if _unreaped:  # these workers may still hold a view: wait until they are reaped
-            _pending.append((_Free(size, fd, address), frozenset(_unreaped)))
+            _pending.append((free, frozenset(_unreaped)))
         else:
-            _keep(_Free(size, fd, address), limit)
+            _keep(free, limit)
 
 
 #: while > 0, a channel is about to send descriptors: _trim_fds leaves them open
@@ -283,11 +280,7 @@ def _after_fork_in_child() -> None:
     _FDS_LOCK = threading.RLock()  # ... or holding the lock
     _CACHE_LOCK = threading.RLock()
     # the parent's cache is the parent's: a child that reused it would write into
-    # memory the parent hands out next (its descriptors are closed here; the
-    # mappings go with the child)
-    for free in _cache + [free for free, _ in _pending]:
-        if free.fd >= 0:
-            os.close(free.fd)
+    # memory the parent hands out next (the mappings go with the child)
     _cache.clear()
     _pending.clear()
     _cached_bytes = 0
@@ -807,7 +800,7 @@ def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
 # New shared pages are the dominant cost of large results (3.6-4.4 us per 4 KiB
 # page here, against 1 us to map an existing one in a forked worker and nothing
 # to rewrite one this process has mapped).  So the memory of a freed segment is
-# kept (mapped, with its descriptor) and handed out again, under one rule:
+# kept (mapped; its descriptor is closed) and handed out again, under one rule:
 #
 #   memory is reused only when no other live process can hold a view of it.
 #
@@ -828,10 +821,9 @@ def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
 
 
 class _Free(NamedTuple):
-    """A freed segment's memory: mapped here, referenced by no array (its fd closed)."""
+    """A freed segment's memory: mapped here, referenced by no array, no descriptor."""
 
     size: int
-    fd: int  # -1: kept memory holds no descriptor (the field is for _Segment's sake)
     address: int
 
 
@@ -876,8 +868,6 @@ def _fits(size: int, nbytes: int) -> bool:
 
 def _unmap(free: _Free) -> None:
     _libc.munmap(free.address, free.size)
-    if free.fd >= 0:
-        os.close(free.fd)
 
 
 def _keep(free: _Free, limit: int) -> None:
@@ -897,9 +887,9 @@ def _keep(free: _Free, limit: int) -> None:
 def _reuse(nbytes: int, token: str | None) -> _Segment | None:
     """A segment of at least ``nbytes`` from this worker's lent share or the cache."""
     global _cached_bytes
-    if _LENT:
+    if _LENT and token is None:  # a pack's token is already in its handles: not for it
         fitting = [s for s in _LENT if _fits(s.size, nbytes)]
-        if fitting and token is None:
+        if fitting:
             seg = min(fitting, key=lambda s: s.size)
             _LENT.remove(seg)
             return seg
@@ -912,7 +902,7 @@ def _reuse(nbytes: int, token: str | None) -> _Segment | None:
         free = min(fitting_free, key=lambda f: f.size)
         _cache.remove(free)
         _cached_bytes -= free.size
-    return _Segment(free.fd, free.size, token or os.urandom(12).hex(), free.address)
+    return _Segment(-1, free.size, token or os.urandom(12).hex(), free.address)
 
 
 def _lend(n: int) -> list[list[_Segment]]:
@@ -938,7 +928,7 @@ def _lend(n: int) -> list[list[_Segment]]:
             _cache.remove(free)
             _cached_bytes -= free.size
     for k, free in enumerate(lent):
-        shares[k % n].append(_Segment(free.fd, free.size, os.urandom(12).hex(), free.address))
+        shares[k % n].append(_Segment(-1, free.size, os.urandom(12).hex(), free.address))
     return shares
 
 
