@@ -37,6 +37,20 @@ wanted key whose task is ``dask.array.core.finalize``) runs in the caller,
 into private memory, as threads would.  Warnings that tasks issue come back
 before the results and are re-issued here (pool.py).
 
+Small graphs run in the caller.  Forking costs more than the fork itself:
+after it, every page the caller or a worker writes (and Python writes a
+reference count with every object it touches) is copied once, about 1,400
+pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
+-- 20-25 ms on a VM whose page faults cost 3-4 us, 5-10 ms on bare metal.
+Each call records the fastest task of each key name (in workers or here,
+see ``_remember``); a graph whose every key name is known -- by its name
+with dask's token, or without it (``key_split``: ``compute`` names its
+final keys anew each call) -- and whose tasks add up to less than dask
+config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here, one
+task after another, as dask's ``sync`` scheduler would: a worker could not
+return its result sooner.  The first call of a new graph forks; a graph
+that ran slower here is measured again, and its next call forks.
+
 Each worker has up to two batches in flight, so it never waits for the
 parent between tasks -- for slow tasks only while many are ready, since a
 second batch queued behind a slow one near the end leaves the other workers
@@ -63,6 +77,7 @@ from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
+from dask.utils import key_split
 
 from . import channel, forksafe, memory
 from .pool import (
@@ -80,9 +95,89 @@ __all__ = ["get"]
 _BATCH_SECONDS = 0.005
 _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
+_INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
 
-dask.config.update_defaults({"sharedmem": {"num-workers": None,
+#: key name (a tuple key's first element) -> seconds its last task took
+_DURATIONS: dict[Any, float] = {}
+_BY_PREFIX: dict[str, float] = {}  # the same by key_split(name)
+_DURATIONS_MAX = 100_000
+
+dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
                                            "threshold": channel.DEFAULT_THRESHOLD}})
+
+
+def _name(key: Any) -> Any:
+    return key[0] if type(key) is tuple and key else key
+
+
+def _remember(timings: dict) -> None:
+    """Keep each key name's fastest task time of this call (``timings``: name -> seconds).
+
+    The fastest, not the mean: in a worker every task pays for the pages it
+    touches first after the fork (copies of the caller's heap, its shared
+    inputs), 3 to 10 times a warm task's time for a 4 MB chunk here, and a
+    task run here would not.  A guess too low costs one call, which measures
+    the tasks again, here.  Each is also kept by its name without the token
+    (dask's ``key_split``: ``sum``, ``finalize-hlgfinalizecompute``), for
+    names that dask makes anew for every ``compute``.
+    """
+    if len(_DURATIONS) + len(timings) > _DURATIONS_MAX:
+        _DURATIONS.clear()
+        _BY_PREFIX.clear()
+    for name, seconds in timings.items():
+        _DURATIONS[name] = least = min(seconds)
+        _BY_PREFIX[key_split(name)] = least
+
+
+def _inline_limit() -> float:
+    value = dask.config.get("sharedmem.inline", 0.02)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+        raise ValueError("dask config sharedmem.inline must be a number of seconds >= 0 "
+                         f"(0: always fork), not {value!r}")
+    return float(value)
+
+
+def _runs_here(state: dict, ntasks: int) -> bool:
+    """Whether the graph's tasks, as measured in earlier calls, take less than a fork."""
+    limit = _inline_limit()
+    estimate = ntasks * _INLINE_PER_TASK
+    if estimate >= limit:
+        return False
+    for keys in (state["ready"], state["waiting"]):
+        for key in keys:
+            seconds = _DURATIONS.get(_name(key))
+            if seconds is None:
+                seconds = _BY_PREFIX.get(key_split(_name(key)))
+            if seconds is None:
+                return False
+            estimate += seconds
+            if estimate >= limit:
+                return False
+    return True
+
+
+def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
+                pretask_cbs: list, posttask_cbs: list, timings: dict) -> None:
+    """Run the graph in this process, in dask's order, as dask's sync scheduler would."""
+    cache = state["cache"]
+    ready = state["ready"]
+    dependencies = state["dependencies"]
+    while ready:
+        key = ready.pop()
+        state["running"].add(key)
+        for f in pretask_cbs:
+            f(key, dsk, state)
+        data = {d: cache[d] for d in dependencies[key]}
+        t0 = time.perf_counter()
+        res = dsk[key](data)
+        timings.setdefault(_name(key), []).append(time.perf_counter() - t0)
+        cache[key] = res
+        finish_task(dsk, key, state, wanted, keyorder.get)
+        for f in posttask_cbs:
+            f(key, res, dsk, state, 0)
+        del res, data
 
 
 def _num_workers(num_workers: Any) -> int:
@@ -146,6 +241,11 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         **kwargs: Any) -> Any:
     """Compute ``keys`` of the dask graph ``dsk`` on forked worker processes.
 
+    A graph whose tasks were all measured in earlier calls as quicker, in
+    all, than dask config ``sharedmem.inline`` seconds (0.02; 0 turns this
+    off) runs in this process instead, as dask's ``sync`` scheduler would:
+    forking would cost more.
+
     Parameters
     ----------
     dsk : Mapping, HighLevelGraph, or object with ``__dask_graph__``
@@ -207,6 +307,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
         state: dict = {}
         started: list = []
+        timings: dict = {}  # key name -> seconds of each of its tasks: see _remember
         succeeded = False
         try:
             while True:
@@ -221,15 +322,29 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         f(dsk)
                         started.append(f)
                     break
+                if _runs_here(state, ntasks):
+                    if not started:
+                        before = dict(dsk) if start_cbs else None
+                        for f in start_cbs:
+                            f(dsk)
+                            started.append(f)
+                        if _changed(before, dsk):
+                            continue
+                    for f in start_state_cbs:
+                        f(dsk, state)
+                    _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                timings)
+                    break
                 try:
                     _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
                          start_cbs if not started else [], start_state_cbs, pretask_cbs,
-                         posttask_cbs, started)
+                         posttask_cbs, started, timings)
                 except _GraphChanged:  # fork again, with what the callbacks put in
                     continue
                 break
             succeeded = True
         finally:
+            _remember(timings)
             if started:
                 for f in finish_cbs:
                     f(dsk, state, not succeeded)
@@ -258,6 +373,12 @@ class _GraphChanged(Exception):
     """A ``start`` callback changed the graph after the workers were forked."""
 
 
+def _changed(before: dict | None, dsk: Mapping) -> bool:
+    """Whether ``start`` callbacks changed the graph (``before`` is a copy, or None)."""
+    return before is not None and (len(before) != len(dsk) or any(
+        dsk.get(k, before) is not v for k, v in before.items()))
+
+
 def _plain(cache: dict, wanted: set) -> dict:
     """Results as ordinary numpy arrays (views of their shared memory)."""
     for key in wanted:
@@ -268,7 +389,7 @@ def _plain(cache: dict, wanted: set) -> dict:
 
 def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
          threshold: int | None, start_cbs: list, start_state_cbs: list,
-         pretask_cbs: list, posttask_cbs: list, started: list) -> None:
+         pretask_cbs: list, posttask_cbs: list, started: list, timings: dict) -> None:
     """Fork the workers and run the graph on them.
 
     ``start`` callbacks run after the fork, since they may start threads
@@ -309,12 +430,13 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     data[chained] = res
                 if forked:
                     data.update((d, cache[d]) for d in dependencies[key] if d in forked)
+                began = time.perf_counter()
                 try:
                     res = runnable[key](data)
                 except BaseException as e:
                     chan.send(("error", key, pack_exception(e)))
                     return
-                out.append((key, res if keep else None))
+                out.append((key, res if keep else None, time.perf_counter() - began))
             t1 = time.perf_counter()
             _send_results(chan, out, t1 - t0 + sending, forksafe.take_writes())
             sending = time.perf_counter() - t1
@@ -375,7 +497,10 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     def run_here(key: Any) -> None:
         """Run ``key`` in this process: its inputs are here, and so is the caller."""
         data = {d: cache[d] for d in state["dependencies"][key]}
-        finish(key, runnable[key](data), nworkers)
+        began = time.perf_counter()
+        res = runnable[key](data)
+        timings.setdefault(_name(key), []).append(time.perf_counter() - began)
+        finish(key, res, nworkers)
 
     def finish(key: Any, res: Any, rank: int) -> None:
         if key not in running:  # a chained task: its input was made in the worker
@@ -394,8 +519,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         for f in start_cbs:
             f(dsk)
             started.append(f)
-        if before is not None and (len(before) != len(dsk) or any(
-                dsk.get(k, before) is not v for k, v in before.items())):
+        if _changed(before, dsk):
             raise _GraphChanged
         for f in start_state_cbs:
             f(dsk, state)
@@ -433,7 +557,8 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 # a second batch in flight hides the round trip; for slow tasks it
                 # could leave a worker idle at the end, so only while many are ready
                 depth = 2 if seconds < _PREFETCH_BELOW or len(ready) >= 4 * nworkers else 1
-                for key, res in out:
+                for key, res, took in out:
+                    timings.setdefault(_name(key), []).append(took)
                     finish(key, res, rank)
                 del out, key, res
                 for other in range(nworkers):
@@ -447,7 +572,7 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     try:
         chan.send(("done", out, seconds, writes))
     except Exception:
-        for key, res in out:
+        for key, res, _ in out:
             try:
                 channel.dumps(res)
             except Exception as e:

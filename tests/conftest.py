@@ -210,3 +210,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("dask_sharedmem measurements")
         for line in MEASUREMENTS:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def fresh_durations():
+    """Each test starts with no task durations measured (scheduler.py runs a
+    graph in the caller once its key names are known to be quick): tests
+    reuse key names such as ``"a"``, and a graph of another test must not
+    decide where this test's first call runs."""
+    from dask_sharedmem import scheduler
+
+    scheduler._DURATIONS.clear()
+    scheduler._BY_PREFIX.clear()
+    yield

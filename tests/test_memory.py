@@ -839,7 +839,8 @@ def test_workers_write_results_into_lent_memory(cache, monkeypatch):
 
     def compute(value):
         parts = [dask.delayed(np.full)(BIG, value, dtype="f8") for _ in range(4)]
-        return dask.compute(*parts, scheduler=sm.get, num_workers=2)
+        with dask.config.set({"sharedmem.inline": 0}):  # (else the second runs here)
+            return dask.compute(*parts, scheduler=sm.get, num_workers=2)
 
     first = compute(1.0)
     addresses = {a.__array_interface__["data"][0] for a in first}

@@ -869,3 +869,131 @@ def test_repeated_computes_stay_within_the_cache_and_trim_returns_it():
             assert memory._cached_bytes <= 16 * MB
     assert memory.trim() >= 0 and memory._cached_bytes == 0
     assert status("VmRSS") - rss0 < 50 * MB, "trim() must give the cached memory back"
+
+
+# --------------------------------------------------------------------------
+# Small graphs run in the caller once they are known to be quick
+# --------------------------------------------------------------------------
+
+
+def test_a_quick_graph_runs_in_the_caller_on_its_second_call():
+    dsk = {"a": (getpid,), "b": (getpid,), "c": (lambda *p: p, "a", "b")}
+    first = dask_sharedmem.get(dsk, "c")
+    assert os.getpid() not in first  # nothing measured yet: workers
+    second = dask_sharedmem.get(dsk, "c")
+    assert second == (os.getpid(), os.getpid())
+    with dask.config.set({"sharedmem.inline": 0}):  # off: every call forks
+        assert os.getpid() not in dask_sharedmem.get(dsk, "c")
+
+
+def test_a_slow_graph_keeps_forking():
+    def slow():
+        time.sleep(0.05)  # more than sharedmem.inline's 20 ms
+        return os.getpid()
+
+    dsk = {"x": (slow,)}
+    for _ in range(3):
+        assert dask_sharedmem.get(dsk, "x") != os.getpid()
+
+
+def test_a_graph_that_became_slow_forks_again():
+    """The caller measures what it runs: a graph whose tasks slowed down forks next time."""
+    delay = [0.0]
+
+    def work():
+        time.sleep(delay[0])
+        return os.getpid()
+
+    dsk = {"x": (work,)}
+    dask_sharedmem.get(dsk, "x")
+    assert dask_sharedmem.get(dsk, "x") == os.getpid()
+    delay[0] = 0.05
+    assert dask_sharedmem.get(dsk, "x") == os.getpid()  # it ran here, measured 50 ms
+    assert dask_sharedmem.get(dsk, "x") != os.getpid()
+
+
+def pid_block(b):
+    return np.full(1, os.getpid())
+
+
+def pid_of_block(b):
+    return np.full(1, os.getpid())
+
+
+def test_a_task_name_never_measured_forks():
+    """Known names: the graph's own (with dask's token), or the same name without
+    its token (``pid_block``, as dask names a task by its function): a task of a
+    new function forks on its first call."""
+    x = da.from_array(dask_sharedmem.ones(1000), chunks=100)
+    pids = x.map_blocks(pid_block, chunks=(1,))
+    assert os.getpid() not in pids.compute(scheduler="sharedmem")
+    assert set(pids.compute(scheduler="sharedmem")) == {os.getpid()}  # the same graph: here
+    again = (x + 1).map_blocks(pid_block, chunks=(1,))  # a new token, fused: "pid_block"
+    assert set(again.compute(scheduler="sharedmem")) == {os.getpid()}
+    other = x.map_blocks(pid_of_block, chunks=(1,))  # a new function: workers
+    assert os.getpid() not in other.compute(scheduler="sharedmem")
+
+
+def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(monkeypatch):
+    forks = []
+    start = dask_sharedmem.pool.Workers.start
+    monkeypatch.setattr(dask_sharedmem.pool.Workers, "start",
+                        lambda self: forks.append(self.n) or start(self))
+    a = dask_sharedmem.ones(4 * MB // 8)
+    y = (da.from_array(a, chunks=len(a) // 8) + 1)
+    y.compute(scheduler="sharedmem")
+    out = y.compute(scheduler="sharedmem")
+    assert len(forks) == 1  # the second ran here
+    assert type(out) is np.ndarray and (out == 2).all()
+
+    seen = []
+
+    class Watch(Callback):
+        def _start(self, dsk):
+            seen.append("start")
+
+        def _pretask(self, key, dsk, state):
+            seen.append("pre")
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            seen.append(os.getpid())
+
+        def _finish(self, dsk, state, errored):
+            seen.append(("finish", errored))
+
+    dsk = {"x": (inc, 1), "y": (inc, "x")}
+    dask_sharedmem.get(dsk, "y")
+    with Watch():
+        assert dask_sharedmem.get(dsk, "y") == 3
+    assert seen == ["start", "pre", os.getpid(), "pre", os.getpid(), ("finish", False)]
+
+    def fails(x):
+        if x:
+            raise KeyError("bad")
+        return 1
+
+    dsk = {"f": (fails, 0)}
+    dask_sharedmem.get(dsk, "f")
+    with pytest.raises(KeyError, match="bad") as info:
+        dask_sharedmem.get({"f": (fails, 1)}, "f")
+    assert not isinstance(info.value.__cause__, RemoteTraceback)  # raised here, as threads
+
+
+def test_in_the_caller_a_start_callback_that_changes_the_graph_is_followed():
+    from dask.cache import Cache
+
+    dsk = {"x": (inc, 1), "y": (inc, "x")}
+    dask_sharedmem.get(dsk, "y")
+    cache = Cache(1e6)
+    with cache:
+        assert dask_sharedmem.get(dsk, "y") == 3
+        assert dask_sharedmem.get(dsk, "y") == 3  # from the cache, which put "y" in the graph
+    assert "y" in cache.cache.data
+
+
+@pytest.mark.parametrize("value", [-1, "fast", True])
+def test_inline_config_must_be_seconds(value):
+    dsk = {"x": (inc, 1)}
+    with dask.config.set({"sharedmem.inline": value}):
+        with pytest.raises(ValueError, match="sharedmem.inline must be a number of seconds"):
+            dask_sharedmem.get(dsk, "x")
