@@ -7,7 +7,10 @@ Registered with the suite (``python benchmarks/run.py --only scheduler``):
   to each scheduler's ``get``);
 * ``gil``: pure-Python (GIL-bound) tasks over the chunks of a shared array;
 * ``compute``, ``store``: large in, large out, with the parent's peak RSS;
-* ``startup``: a one-task graph, first call in a fresh process and repeated.
+* ``startup``: a one-task graph, first call in a fresh process and repeated
+  (and repeated with ``sharedmem.inline`` 0, forking every call);
+* ``small``: ``(x + 1).sum().compute()`` on a 32 MB array, an interactive-size
+  call, as a ratio to threads' time (and with ``sharedmem.inline`` 0).
 
 Every workload runs on the same five peers: dask's ``sync``, ``threads`` and
 ``processes`` schedulers, a ``distributed.LocalCluster`` with worker
@@ -462,6 +465,46 @@ def _store_make(key, ctx, cfg):
 each_scheduler("store", _store_make, note=_gil_note)
 
 # --------------------------------------------------------------------------
+# sharedmem.inline: small graphs run in the caller, unless it is 0
+# --------------------------------------------------------------------------
+
+#: dask config key: graphs whose estimated work (from task durations measured in
+#: earlier calls) is below this many seconds run in the caller; 0 forks every call
+INLINE = "sharedmem.inline"
+_FORKED = "forked every call"
+
+
+def _forked(call: Any) -> Any:
+    """``call`` with ``sharedmem.inline`` 0 (setting the key costs a few µs per call)."""
+
+    def forked():
+        with dask.config.set({INLINE: 0}):
+            return call()
+
+    return forked
+
+
+def _forked_note(cfg: Config) -> str:
+    return (f"`dask.config.set({{'{INLINE}': 0}})` around each call: {cfg.workers} "
+            "workers forked every call, whatever earlier calls measured")
+
+
+def inline_line(row: str) -> str:
+    """A footer: what ``sharedmem.inline`` is in this run, beside ``row`` (the
+    same call with the default) and the *forked every call* row."""
+    value = dask.config.get(INLINE, None)
+    if value is None:
+        return (f"`{INLINE}` is not set in dask's config in this run, so `{SHAREDMEM}` uses "
+                "its built-in default if this version has the setting; without it every "
+                f"call forks, and the *{_FORKED}* row times the same calls as the `{row}` "
+                "row.")
+    return (f"`{INLINE}` is {value!r} in this run (dask's config): `{SHAREDMEM}` runs a "
+            "graph in the caller when its work, estimated from the task durations of "
+            f"earlier calls, is below that many seconds (the `{row}` row); the "
+            f"*{_FORKED}* row sets it to 0.")
+
+
+# --------------------------------------------------------------------------
 # 4. Start-up
 # --------------------------------------------------------------------------
 
@@ -513,6 +556,7 @@ workload(Workload(
     plot=Plot("milliseconds (log)", value=time_bar(1e3), log=True, ref=10.0),
     after=_startup_after,
     needs_cluster=True,
+    footer=lambda ctx, results: inline_line(_REPEATED.format(SHAREDMEM)),
 ))
 
 
@@ -529,3 +573,87 @@ each_scheduler("startup", _first_make, label=_FIRST,
                note=lambda key, cfg: f"`{_GET_NAMES[key]}`, in a new subprocess each time")
 each_scheduler("startup", _repeated_make, label=_REPEATED,
                note=lambda key, cfg: f"`{_GET_NAMES[key]}`, in this process")
+
+RUNNERS["startup"].append(Runner(
+    f"{_REPEATED.format(SHAREDMEM)}, {_FORKED}",
+    lambda ctx, cfg: _forked(_repeated_make("sharedmem", ctx, cfg)),
+    lambda cfg: f"`{_GET_NAMES['sharedmem']}`, in this process; " + _forked_note(cfg)))
+
+# --------------------------------------------------------------------------
+# 4b. Interactive-size compute
+# --------------------------------------------------------------------------
+
+_SMALL_CHUNKS = 8
+_X_THREADS = "x threads' time"
+
+
+def _small_setup(cfg: Config) -> Any:
+    n = cfg.small_bytes // 8
+    chunk = n // _SMALL_CHUNKS
+    a = dask_sharedmem.empty(n, dtype="f8")
+    a[...] = 1  # every page touched before any timing
+    graphs = {"shared": (da.from_array(a, chunks=chunk) + 1).sum(),
+              "plain": (da.from_array(np.asarray(a), chunks=chunk) + 1).sum()}
+    return types.SimpleNamespace(a=a, n=n, chunk=chunk, graphs=graphs,
+                                 expected=2.0 * n, nbytes=n * 8)
+
+
+def _small_check(ctx: Any, r: Any) -> str | None:
+    return None if r == ctx.expected else f"{r!r}, expected {ctx.expected!r}"
+
+
+def _x_threads(ctx, s, results, peer):
+    base = results.get(THREADS)
+    if not base or "median" not in base:
+        return None
+    return s["median"] / base["median"]
+
+
+def _small_annotation(ctx, s, results):
+    r = _x_threads(ctx, s, results, None)
+    return None if r is None else f"{r:.2f}x threads"
+
+
+def _small_note(key: str, cfg: Config) -> str:
+    if key == "sharedmem":
+        return (f"{cfg.workers} workers; default `{INLINE}`: forked per call unless the "
+                "graph's estimated work is below it")
+    return _gil_note(key, cfg)
+
+
+def _small_footer(ctx: Any, results: dict) -> str:
+    return plain_footer(ctx, results) + "\n\n" + inline_line(SHAREDMEM)
+
+
+workload(Workload(
+    name="small",
+    label="4b",
+    group=GROUP,
+    title=lambda cfg, ctx: (
+        f"Interactive-size compute: `(x + 1).sum().compute()` with `x = da.from_array(a, "
+        f"chunks=len(a) // {_SMALL_CHUNKS})` on a {ctx.nbytes / 2**20:.0f} MB float64 shared "
+        f"array of ones (`dask_sharedmem.empty`), repeated calls in this process; "
+        f"{cfg.workers} workers; *{_X_THREADS}*: each row's median / `{THREADS}`'s"),
+    setup=_small_setup,
+    check=_small_check,
+    columns=[Column("ms (median)", lambda ctx, s, res, peer: s["median"] * 1e3, "{:.2f}"),
+             Column(_X_THREADS, _x_threads, "{:.2f}x")],
+    plot=Plot("milliseconds (log)", value=time_bar(1e3), log=True,
+              annotate=_small_annotation),
+    teardown=_large_teardown,
+    needs_cluster=True,
+    footer=_small_footer,
+))
+
+
+def _small_make(key, ctx, cfg):
+    kw = compute_kwargs(key, cfg)
+    graph = graph_for(ctx, key)
+    return lambda: graph.compute(**kw)
+
+
+each_scheduler("small", _small_make, note=_small_note)
+RUNNERS["small"].append(Runner(
+    f"{SHAREDMEM}, {_FORKED}",
+    lambda ctx, cfg: _forked(_small_make("sharedmem", ctx, cfg)),
+    _forked_note))

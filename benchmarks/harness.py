@@ -57,6 +57,7 @@ class Config:
     tasks: int = 5_000  # per-task overhead workloads
     overhead_items: int = 5_000  # MapReduce per-item overhead
     array_bytes: int = 512 * 2**20  # GIL-bound and large in/out workloads
+    small_bytes: int = 32 * 2**20  # interactive-size compute (4b), --quick too
     chunks: int = 64
     step: int = 4  # every step-th element is summed in Python (serial ~2-4 s on 512 MB)
     text_bytes: int = 8 * 2**20  # dask.bag word count

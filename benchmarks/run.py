@@ -143,6 +143,11 @@ def targets(reports: dict, cfg) -> list[dict]:
         ms = _value(reports, "startup", f"{SHAREDMEM}: {which}", "ms (median)")
         if ms is not None:
             target(f"one-task graph, {which}: < 10 ms", f"{ms:.2f} ms", ms < 10)
+    ratio = _value(reports, "small", SHAREDMEM, "x threads' time")
+    if ratio is not None:
+        target(f"{cfg.small_bytes / 2**20:.0f} MB compute, `(x + 1).sum()`: "
+               "dask_sharedmem.get at most 2x threads' time",
+               f"{ratio:.2f}x threads' time", ratio <= 2)
     a = _value(reports, "mapreduce-overhead", "dask_sharedmem.MapReduce", "µs/item (median)")
     b = _value(reports, "mapreduce-overhead", "multiprocessing.Pool (fork, default chunksize)",
                "µs/item (median)")

@@ -31,7 +31,9 @@ WORKLOADS = {
     "compute": ("3a", ["dask_sharedmem.get"]),
     "store": ("3b", ["dask_sharedmem.get"]),
     "startup": ("4", ["dask_sharedmem.get: first call, fresh process",
-                      "dask_sharedmem.get: repeated call"]),
+                      "dask_sharedmem.get: repeated call",
+                      "dask_sharedmem.get: repeated call, forked every call"]),
+    "small": ("4b", ["dask_sharedmem.get", "dask_sharedmem.get, forked every call"]),
     "scaling": ("5", ["dask_sharedmem.MapReduce, 1 worker", "dask_sharedmem.get, 1 worker"]),
     "mapreduce-overhead": ("6", ["dask_sharedmem.MapReduce"]),
     "mapreduce-gil": ("7", ["dask_sharedmem.MapReduce"]),
@@ -101,7 +103,8 @@ def test_json_has_every_workload_and_peer(quick_run):
                 assert set(w["derived"][peer]) == set(w["columns"])
         for peer in ours:
             assert "error" not in w["results"][peer], (name, peer, w["results"][peer])
-        if name in ("tasks", "chain", "graph", "gil", "compute", "store", "bag", "dataframe"):
+        if name in ("tasks", "chain", "graph", "gil", "compute", "store", "small", "bag",
+                    "dataframe"):
             assert set(SCHEDULER_PEERS) <= set(w["results"])
     for name in ("compute", "store"):
         s = by_name[name]["results"]["dask_sharedmem.get"]
