@@ -223,3 +223,13 @@ def fresh_durations():
     scheduler._DURATIONS.clear()
     scheduler._BY_PREFIX.clear()
     yield
+
+
+@pytest.fixture
+def always_fork():
+    """Every scheduler call forks, even one that ran before and was quick
+    (scheduler.py would run it in the caller): for tests about workers."""
+    import dask
+
+    with dask.config.set({"sharedmem.inline": 0}):
+        yield

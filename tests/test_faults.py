@@ -70,14 +70,6 @@ from dask_sharedmem.pool import LostException, RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks", "always_fork")]
 
-
-@pytest.fixture
-def always_fork():
-    """Every scheduler call here forks, even one that ran before and was quick:
-    these tests are about workers (scheduler.py runs such graphs in the caller)."""
-    with dask.config.set({"sharedmem.inline": 0}):
-        yield
-
 LONG = 600  # seconds: a sleep that only a kill can end
 MB = 1 << 20
 ENGINES = ["mapreduce", "scheduler"]

@@ -25,7 +25,7 @@ from dask.utils_test import inc
 import dask_sharedmem
 from dask_sharedmem import MapReduce, memory
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("no_leaks")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("no_leaks", "always_fork")]
 
 MB = 1 << 20
 

@@ -34,7 +34,8 @@ MB = 1 << 20
 # dask's tokenize caches settle in after a while, a leak does not
 SLACK = 16 * MB
 
-pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + N), pytest.mark.usefixtures("no_leaks")]
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + N),
+              pytest.mark.usefixtures("no_leaks", "always_fork")]
 
 
 def resources():
