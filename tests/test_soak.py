@@ -19,6 +19,7 @@ import gc
 import os
 import time
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -95,6 +96,29 @@ def test_soak_compute():
         np.testing.assert_array_equal(out, expected)
 
     soak("compute", step)
+
+
+def test_soak_compute_in_the_caller():
+    """The same compute as a quick graph that runs in the caller (scheduler.py)."""
+    a = dask_sharedmem.empty((1024, 1024))
+    a[...] = np.arange(a.size).reshape(a.shape) % 1000
+    x = da.from_array(a, chunks=(128, 1024))
+    expected_sum = float((a + 1).sum())
+    forks = []
+    start = pool.Workers.start
+
+    def step():
+        with dask.config.set({"sharedmem.inline": 1.0}):  # seconds: any repeat of it
+            total = (x + 1).sum().compute(scheduler="sharedmem", num_workers=2)
+            out = (da.sqrt(x) * 2).compute(scheduler="sharedmem", num_workers=2)
+        assert float(total) == expected_sum and out.shape == a.shape
+
+    pool.Workers.start = lambda self: forks.append(1) or start(self)
+    try:
+        soak("compute in the caller", step)
+    finally:
+        pool.Workers.start = start
+    assert len(forks) <= 2  # the first call of each graph forked, no other
 
 
 def test_soak_map():
