@@ -13,11 +13,34 @@ worker in flight so none idles                 progress[rank] = i
 on ("done", start, out, seconds):          send ("done", start, out, seconds)
     reduce(*r) for each r, store it
     size the next range from seconds
+    fork one more worker? (below)
 
 Ranges grow adaptively: a range is sized to take about ``_BATCH_SECONDS``
-at the measured cost per item, but never more than an eighth of a worker's
-share of what is left, so that 100,000 trivial items cost a handful of
-messages and a few slow ones still spread over all workers.
+at the measured cost per item, but never more than an eighth of a forked
+worker's share of the sequence, so that 100,000 trivial items cost a
+handful of messages and a few slow ones still spread over all workers.
+
+Workers are forked on demand, up to ``np``: a fork costs the parent 2-10 ms
+on the development VM (more while other workers start or exit), and forking
+all 32 of np=32 for 100 trivial items took 120-370 ms, against 10-16 ms with
+np=2.  ``map`` forks one worker and hands it the first item; then, each time
+it has collected what arrived (without waiting) and handed the work it freed
+to idle workers, it forks the next rank while items remain to hand out and
+either
+
+* no item has completed yet: no evidence, so items are assumed slow and
+  32 items of 100 ms get their 32 workers as fast as forks allow, or
+* seconds per item x items not yet handed out / workers forked exceeds the
+  time the last fork kept the parent busy (``Workers.fork_seconds``).
+
+Seconds per item are measured in the workers, over the ranges that were not
+a worker's first (which also pays for its start: copy-on-write faults), or
+over first ranges while there is nothing else.  So 100 trivial items cost
+two forks, and slow items keep forking as long as one more worker pays.
+Forking stops while the rule says no and resumes if items turn out slower.
+With dask callbacks every worker is forked up front, before the callbacks
+start their threads.  A worker forked late sees the caller's memory as it is
+at its fork: what ``reduce`` has done by then, say, as threads would.
 
 ``critical`` is a POSIX record lock (``lockf``) on a memfd, taken under an
 RLock that excludes the threads of one process.  One memfd serves every map
@@ -492,8 +515,9 @@ class MapReduce:
     Parameters
     ----------
     np : int, optional
-        Number of workers.  Default: :func:`cpu_count` (``OMP_NUM_THREADS``,
-        then ``PBS_NUM_PPN``, then the CPUs this process may use).  ``0`` runs
+        Number of workers, at most: ``map`` forks them as it needs them (see
+        its Notes).  Default: :func:`cpu_count` (``OMP_NUM_THREADS``, then
+        ``PBS_NUM_PPN``, then the CPUs this process may use).  ``0`` runs
         everything in the calling process.
     backend : {'process', 'thread'}
         ``'thread'`` uses threads instead of processes (see
@@ -502,7 +526,7 @@ class MapReduce:
     Attributes
     ----------
     np : int
-        The number of workers.
+        The most workers a map forks.
     critical : context manager
         ``with pool.critical:`` lets one worker at a time into the block,
         among the workers of all the maps of this pool running at once
@@ -585,6 +609,17 @@ class MapReduce:
             ``.traceback`` the worker's traceback) or a worker died
             (``.reason`` is a :class:`WorkerDied` naming the item and signal).
 
+        Notes
+        -----
+        Workers are forked as the map needs them, ranks ``0..np-1`` in turn:
+        one at first, then one more after each look at what arrived, while
+        items remain to hand out and either none has completed yet (they may
+        be slow: workers are forked one after another without a pause) or
+        the measured seconds per item x items left / workers exceed what a
+        fork costs.
+        So a quick map forks one or two workers whatever ``np`` is.  A worker
+        forked late sees this process's memory as it is then.
+
         Examples
         --------
         >>> import dask_sharedmem as sharedmem
@@ -660,7 +695,11 @@ class MapReduce:
         waiting: dict[int, int] = {}  # item -> rank waiting to enter ordered
         inflight: list[collections.deque] = [collections.deque() for _ in range(nworkers)]
         cursor = 0
-        per_item: float | None = None  # measured seconds per item
+        per_item: float | None = None  # measured seconds per item, in the last range
+        # seconds and items measured so far: [0] in each worker's first range, which
+        # also pays for its start (copy-on-write faults: 0.1 ms here), [1] in later ones
+        busy, measured = [0.0, 0.0], [0, 0]
+        reported = bytearray(nworkers)  # which workers have sent a range
 
         def worker_main(chan: Any, rank: int) -> None:
             self.local.rank = rank
@@ -688,8 +727,6 @@ class MapReduce:
                     _send_results(chan, start, out, time.perf_counter() - t0)
                 ctx.skipped = []
 
-        share = max(1, n // (8 * nworkers))  # the largest range: 8 per worker at least
-
         def size_of(msg: tuple) -> int:
             return max(len(msg[2]), 1)
 
@@ -699,6 +736,7 @@ class MapReduce:
                 return
             size = 1
             if per_item is not None:  # aim at _BATCH_SECONDS, keep the load balanced
+                share = max(1, n // (8 * w.forked))  # the largest range: 8 per worker at least
                 size = max(1, min(share, n - cursor, int(_BATCH_SECONDS / max(per_item, 1e-9))))
             start, cursor = cursor, cursor + size
             inflight[rank].append((start, cursor))
@@ -712,18 +750,35 @@ class MapReduce:
             if rank is not None:
                 w.send(rank, "go")
 
+        def more_workers() -> bool:
+            """Whether to fork another worker now (the rule: see the module docstring)."""
+            if stopped or cursor >= n or w.forked >= nworkers:
+                return False
+            k = 1 if measured[1] else 0
+            if not measured[k]:  # no item has completed: assume they are slow
+                return True
+            return busy[k] / measured[k] * (n - cursor) / w.forked > w.fork_seconds
+
         barred = self.critical._open()
         errored = True
         try:
-            with Workers(nworkers, worker_main) as w:
-                if progress:  # after the fork: callbacks may start threads
+            # with callbacks, every worker is forked first: they may start threads,
+            # and a fork must not copy a lock that one of them holds
+            with Workers(nworkers, worker_main, initial=nworkers if progress else 1) as w:
+                if progress:
                     progress.begin()
-                for _ in range(2):  # two ranges in flight per worker: none waits for the next
-                    for rank in range(nworkers):
-                        dispatch(rank)
+                for rank in range(w.forked):
+                    dispatch(rank)
+                grow = more_workers()
                 while any(inflight):
+                    if not grow and per_item is None:
+                        # two ranges in flight per worker, so none waits for the next;
+                        # not while more workers come: a new one may start it sooner
+                        for rank in range(w.forked):
+                            if len(inflight[rank]) < 2:
+                                dispatch(rank)
                     try:
-                        events = w.poll()
+                        events = w.poll(0 if grow else None)
                     except WorkerDied as e:
                         i = int(current[e.rank])
                         if any(a <= i < b for a, b in inflight[e.rank]):
@@ -753,6 +808,9 @@ class MapReduce:
                                 stopped = True
                             else:
                                 per_item = msg[3] / max(len(out), 1)
+                                busy[reported[rank]] += msg[3]
+                                measured[reported[rank]] += len(out)
+                                reported[rank] = 1
                                 # a second range in flight hides the round trip; for
                                 # slow items it could unbalance the tail, so only while
                                 # many items are left
@@ -771,6 +829,10 @@ class MapReduce:
                             release(msg[1], msg[1] + 1)
                         elif kind == "error":
                             raise _worker_exception(msg[2], f"item {msg[1]}")
+                    # after what had arrived, and the work it freed workers for
+                    grow = more_workers()
+                    if grow:
+                        dispatch(w.grow())
             errored = False
         finally:
             self.critical._close()

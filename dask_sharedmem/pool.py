@@ -15,7 +15,11 @@ per call)::
 
 * ``start`` forks ``n`` workers *now*: each finds the work (functions,
   closures, sequences, graphs) in its own copy of the parent's memory, so
-  nothing about the work is pickled; only what ``send`` carries is.
+  nothing about the work is pickled; only what ``send`` carries is.  A
+  session that does not know yet how many it needs (``MapReduce.map``)
+  starts with ``initial`` of them and forks the next rank with ``grow``,
+  through the same steps: a late worker sees the parent's memory as it is
+  at its own fork.
 * Each worker owns one end of one socket; it closes the parent's ends of its
   siblings' sockets, so when a worker dies -- signal, ``os._exit``, the OOM
   killer -- its socket reads EOF in the parent at once.  The parent waits on
@@ -91,6 +95,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import types
 import warnings
@@ -607,6 +612,10 @@ class Workers:
     on their own and a later session reaps them), leaving with an exception
     (KeyboardInterrupt included) kills and reaps them.
 
+    ``start`` forks ``initial`` of them (default all ``n``), ranks
+    ``0..initial-1``; :meth:`grow` forks the next rank while fewer than ``n``
+    run.  ``fork_seconds`` is how long the last fork kept this process busy.
+
     >>> def main(chan, rank):
     ...     while True:
     ...         chan.send(chan.recv() * 2)
@@ -614,18 +623,30 @@ class Workers:
     ...     w.send(0, 21)
     ...     w.poll()
     [(0, 42)]
+    >>> with Workers(3, main, initial=1) as w:
+    ...     w.grow(), w.forked
+    (1, 2)
     """
 
     def __init__(self, n: int, main: Callable[[channel.Channel, int], None],
-                 threshold: int | None = channel.DEFAULT_THRESHOLD):
+                 threshold: int | None = channel.DEFAULT_THRESHOLD,
+                 initial: int | None = None):
         self.n = n
+        self.initial = n if initial is None else min(initial, n)
         self.main = main
         self.threshold = threshold
         self.pids: list[int] = []
         self.channels: list[channel.Channel] = []
+        self.fork_seconds = 0.0
         self._lent: list[list] = []
         self._selector: Any = None  # a selectors.DefaultSelector while started
         self._alive: set[int] = set()
+        self._parent = 0
+
+    @property
+    def forked(self) -> int:
+        """How many workers were forked so far (ranks ``0..forked-1``)."""
+        return len(self.pids)
 
     def __enter__(self) -> Workers:
         try:
@@ -645,52 +666,75 @@ class Workers:
         # freed shared memory that finished workers may still map is reused (and
         # lent to the new workers) only once they are reaped: worth their exit
         _reap_finished(block=bool(memory._pending))
-        parent = os.getpid()
+        self._parent = os.getpid()
         # every shared result that arrives holds descriptors; a refusal to take
         # one in recvmsg cannot be recovered, so lift the soft limit up front
         memory._raise_fd_limit()
+        self._selector = selectors.DefaultSelector()
+        # each rank's share of the freed shared memory kept for reuse: its results
+        # land in pages that exist (memory.py); held here until the workers are
+        # gone.  Dealt out now for all n ranks, as if all were forked at once: a
+        # rank forked later by grow() gets its own share, which no other process
+        # was lent, and one never forked leaves its share unused (back in the
+        # cache once the session's workers are reaped, see memory._release)
+        self._lent = memory._lend(self.n)
+        self._fork(self.initial)
+
+    def grow(self) -> int:
+        """Fork one more worker, the next rank; return that rank.
+
+        It goes through every step of a fork at :meth:`start`; it sees the
+        parent's memory as it is now.
+        """
+        if self._selector is None:
+            raise RuntimeError("grow() needs a started session (start() or with)")
+        if self.forked >= self.n:
+            raise RuntimeError(f"all {self.n} workers of this session are forked already")
+        self._fork(1)
+        return self.forked - 1
+
+    def _fork(self, count: int) -> None:
         for stream in (sys.stdout, sys.stderr):  # or the children print it again
             try:
                 stream.flush()
             except (AttributeError, ValueError):
                 pass
-        self._selector = selectors.DefaultSelector()
         with _forking:
-            self._fork_all(parent)
+            for _ in range(count):
+                self._fork_one(self.forked)
 
-    def _fork_all(self, parent: int) -> None:
-        # each worker's share of the freed shared memory kept for reuse: its results
-        # land in pages that exist (memory.py); held here until the workers are gone
-        self._lent = memory._lend(self.n)
-        for rank in range(self.n):
-            mine, theirs = channel.pair(self.threshold)
-            # SIGINT waits until the child ignores it and the parent has recorded
-            # the child: else a Ctrl-C here raises KeyboardInterrupt in the child's
-            # copy of our stack (which then runs the parent's code), or leaves a
-            # child that kill() does not know about
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    def _fork_one(self, rank: int) -> None:
+        t0 = time.perf_counter()
+        mine, theirs = channel.pair(self.threshold)
+        # SIGINT waits until the child ignores it and the parent has recorded
+        # the child: else a Ctrl-C here raises KeyboardInterrupt in the child's
+        # copy of our stack (which then runs the parent's code), or leaves a
+        # child that kill() does not know about
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            memory._ours.forking = True  # a worker we reap: see memory._before_fork
             try:
-                memory._ours.forking = True  # a worker we reap: see memory._before_fork
-                try:
-                    pid = os.fork()
-                except BaseException:
-                    mine.close()
-                    theirs.close()
-                    raise
-                finally:
-                    memory._ours.forking = False
-                if pid == 0:  # pragma: no cover - runs in the child
-                    mine.sock.close()
-                    self._child(_WorkerChannel(theirs.sock, self.threshold), rank, parent, mask)
-                memory._forked_child(pid)
+                pid = os.fork()
+            except BaseException:
+                mine.close()
                 theirs.close()
-                mine.inherited = memory._serial  # the child knows every segment we have
-                self.pids.append(pid)
-                self.channels.append(mine)
-                self._alive.add(rank)
-                self._selector.register(mine.sock, selectors.EVENT_READ, rank)
+                raise
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                memory._ours.forking = False
+            if pid == 0:  # pragma: no cover - runs in the child
+                mine.sock.close()
+                self._child(_WorkerChannel(theirs.sock, self.threshold), rank, self._parent,
+                            mask)
+            memory._forked_child(pid)
+            theirs.close()
+            mine.inherited = memory._serial  # the child knows every segment we have
+            self.pids.append(pid)
+            self.channels.append(mine)
+            self._alive.add(rank)
+            self._selector.register(mine.sock, selectors.EVENT_READ, rank)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.fork_seconds = time.perf_counter() - t0
 
     def _child(self, chan: channel.Channel, rank: int, parent: int,
                mask: set) -> None:  # pragma: no cover
@@ -712,7 +756,7 @@ class Workers:
             memory._lent_tokens.update(seg.token for seg in self._lent[rank])
             global _to_parent
             _to_parent = chan.sock
-            for sibling in self.channels:
+            for sibling in self.channels:  # every rank forked before this one
                 sibling.sock.close()
             self.main(chan, rank)
             code = 0

@@ -38,7 +38,7 @@ from dask_sharedmem import (
     background,
     memory,
 )
-from dask_sharedmem.pool import RemoteTraceback
+from dask_sharedmem.pool import RemoteTraceback, Workers
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -67,6 +67,24 @@ def time_to_error(label):
 def assert_works(pool):
     """The pool is usable again (after an error)."""
     assert pool.map(lambda x: x + 1, range(10)) == list(range(1, 11))
+
+
+def all_at_once(n, timeout=30):
+    """``wait(i)`` for items ``0..n-1``: returns once all ``n`` of them run at once.
+
+    No item completes before every one of them has started, each in its own
+    worker: ``map`` has no evidence that items are quick and must fork them all.
+    """
+    flags = sharedmem.zeros(n, dtype="i1")
+
+    def wait(i):
+        flags[i] = 1
+        deadline = time.monotonic() + timeout
+        while not flags.all():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {int(flags.sum())} of {n} items ran at once")
+            time.sleep(0.001)
+    return wait
 
 
 def square(x):
@@ -110,9 +128,117 @@ def test_np_larger_than_the_sequence_or_the_cpus():
     with MapReduce(np=8) as pool:
         assert pool.map(square, [3]) == [9]
         assert pool.map(square, []) == []
+    wait = all_at_once(16)
     with MapReduce(np=16) as pool:
         out = pool.map(lambda i: (os.getpid(), i), range(100))
-    assert [i for _, i in out] == list(range(100)) and len({p for p, _ in out}) == 16
+        slow = pool.map(lambda i: (wait(i), os.getpid())[1], range(16))
+    assert [i for _, i in out] == list(range(100)) and 1 <= len({p for p, _ in out}) <= 16
+    assert len(set(slow)) == 16 and PARENT not in slow  # more workers than CPUs
+
+
+# -- workers forked on demand ----------------------------------------------------------
+
+def count_forks(monkeypatch):
+    """The ranks of the workers forked from now on, in order."""
+    forked = []
+    fork_one = Workers._fork_one
+
+    def counting(self, rank):
+        fork_one(self, rank)
+        forked.append(rank)
+
+    monkeypatch.setattr(Workers, "_fork_one", counting)
+    return forked
+
+
+def ranks_by_pid(pairs):
+    """``{pid: rank}`` from (pid, rank) pairs; each pid must have one rank."""
+    rank_of = {}
+    for pid, rank in pairs:
+        assert rank_of.setdefault(pid, rank) == rank, f"pid {pid} ran as two ranks"
+    return rank_of
+
+
+@pytest.mark.timeout(30)
+def test_a_quick_map_forks_few_workers(monkeypatch):
+    """Once an item has come back, forking one more of np=32 costs more than the rest."""
+    forked = count_forks(monkeypatch)
+    with MapReduce(np=32) as pool:
+        out = pool.map(lambda x: (os.getpid(), pool.local.rank, x + 1), range(100))
+    assert [r for *_, r in out] == list(range(1, 101))
+    rank_of = ranks_by_pid((pid, rank) for pid, rank, _ in out)
+    assert PARENT not in rank_of
+    # every worker forked got work; ranks 0..k-1, in order
+    assert sorted(rank_of.values()) == forked == list(range(len(forked)))
+    assert 1 <= len(forked) <= 8, f"{len(forked)} workers forked for 100 trivial items"
+
+
+@pytest.mark.timeout(60)
+def test_slow_items_get_every_worker_without_evidence(monkeypatch):
+    """No item completes before all 8 run at once: map forks all 8 anyway."""
+    forked = count_forks(monkeypatch)
+    wait = all_at_once(8)
+    with MapReduce(np=8) as pool:
+        out = pool.map(lambda i: (wait(i), os.getpid(), pool.local.rank)[1:], range(8))
+    rank_of = ranks_by_pid(out)
+    assert len(rank_of) == 8 and PARENT not in rank_of
+    assert sorted(rank_of.values()) == forked == list(range(8))
+
+
+@pytest.mark.timeout(60)
+def test_slow_items_get_every_worker_with_evidence():
+    """Items come back (50 ms each) while workers are still forked: the rest is
+    worth more workers, up to np, never more."""
+    with MapReduce(np=4) as pool:
+        out = pool.map(lambda i: (time.sleep(0.05), os.getpid(), pool.local.rank)[1:],
+                       range(40))
+    rank_of = ranks_by_pid(out)
+    assert sorted(rank_of.values()) == [0, 1, 2, 3] and PARENT not in rank_of
+
+
+@pytest.mark.timeout(30)
+def test_callbacks_get_every_worker_forked_first(monkeypatch):
+    """Callbacks may start threads: no fork may follow them, so all are forked first."""
+    forked = count_forks(monkeypatch)
+    with Recorder(), MapReduce(np=3) as pool:
+        assert pool.map(square, range(30)) == [i * i for i in range(30)]
+    assert forked == [0, 1, 2]
+
+
+@pytest.mark.timeout(30)
+def test_death_of_a_late_forked_worker_names_its_item():
+    wait = all_at_once(4)
+    with MapReduce(np=4) as pool:
+        def work(i):
+            wait(i)  # item i runs in rank i, forked after items 0..i-1 had started
+            if pool.local.rank == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(LONG)
+
+        with time_to_error("late worker SIGKILL"), pytest.raises(WorkerException) as info:
+            pool.map(work, range(4))
+        reason = info.value.reason
+        assert isinstance(reason, WorkerDied) and reason.rank == 3
+        assert "SIGKILL" in str(reason) and "item 3" in str(reason)
+        assert reason.pid not in children()
+        assert_works(pool)
+
+
+@pytest.mark.timeout(30)
+def test_exception_in_a_late_forked_worker():
+    wait = all_at_once(3)
+    with MapReduce(np=3) as pool:
+        def work(i):
+            wait(i)
+            if pool.local.rank == 2:
+                raise ValueError(f"item {i} in rank 2")
+            time.sleep(LONG)
+
+        with time_to_error("late worker exception"), pytest.raises(WorkerException) as info:
+            pool.map(work, range(3))
+        assert isinstance(info.value.reason, ValueError)
+        assert str(info.value.reason) == "item 2 in rank 2"
+        assert_works(pool)
 
 
 # -- map arguments ----------------------------------------------------------------
@@ -482,8 +608,10 @@ def test_ordered_in_two_thread_maps_at_once():
 
 
 def test_local_rank():
+    wait = all_at_once(3)
     with MapReduce(np=3) as pool:
-        out = pool.map(lambda i: (pool.local.rank, os.getpid()), range(30))
+        out = pool.map(lambda i: (i >= 3 or wait(i), pool.local.rank, os.getpid())[1:],
+                       range(30))
         assert pool.local.rank == 0  # the parent's
         ranks_of = collections.defaultdict(set)
         for rank, pid in out:

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 
+import dask
 import numpy as np
 import pytest
 from conftest import BadStr, Formatted, TwoArgs, Unpicklable, children, running, seen
@@ -220,6 +221,103 @@ def test_leaving_with_an_error_kills_busy_workers(error):
     assert pids == w.pids
     assert not set(pids) & set(children())  # reaped at once, not left for later
     assert not set(pids) & set(pool._finished)
+
+
+# -- workers forked later (grow) --------------------------------------------------
+
+def socket_inodes(pid):
+    """The inodes of the sockets process ``pid`` holds open."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def test_grow_forks_the_next_rank_like_start():
+    with Workers(3, echo, initial=1) as w:
+        assert w.forked == len(w.pids) == 1 and w.fork_seconds > 0
+        w.send(0, "first")
+        assert poll_all(w, 1)[0][2] == "first"
+        assert w.grow() == 1 and w.grow() == 2 and w.forked == 3
+        with pytest.raises(RuntimeError, match="all 3 workers"):
+            w.grow()
+        sigint_workers_and_echo(w)  # late workers ignore SIGINT too
+        pids = list(w.pids)
+        assert len(set(pids)) == 3 and set(pids) <= set(children())
+        # a late worker closed the parent's end of every earlier worker's socket
+        # (else it would hold them for the whole session)
+        ours = [os.fstat(chan.sock.fileno()).st_ino for chan in w.channels]
+        assert not socket_inodes(pids[2]) & set(ours)
+        assert not socket_inodes(pids[1]) & set(ours)
+    assert reaped_or_pending(pids)
+
+
+@pytest.mark.timeout(20)
+def test_death_of_a_grown_worker_is_reported_at_once():
+    def main(chan, rank):
+        chan.send(os.getpid())
+        if rank == 1:
+            chan.recv()
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+
+    with pytest.raises(WorkerDied) as info:
+        with Workers(2, main, initial=1) as w:
+            poll_all(w, 1)
+            w.grow()
+            poll_all(w, 1)
+            pids = list(w.pids)
+            w.send(1, "die")
+            while True:
+                w.poll()
+    assert info.value.rank == 1 and info.value.pid == pids[1]
+    assert "SIGKILL" in info.value.status
+    assert not set(pids) & set(children())  # the other one was killed and reaped too
+
+
+def test_grown_workers_are_killed_and_reaped_on_an_error():
+    def main(chan, rank):
+        chan.send(os.getpid())
+        time.sleep(600)
+
+    with pytest.raises(KeyError):
+        with Workers(4, main, initial=2) as w:
+            w.grow()
+            poll_all(w, 3)
+            raise KeyError()
+    assert len(w.pids) == 3 and not set(w.pids) & set(children())
+
+
+def test_a_grown_worker_gets_its_own_share_of_kept_memory():
+    """The kept memory is dealt out at start for every rank, forked now or later:
+    a late worker gets its rank's share, never memory lent to another worker."""
+    def main(chan, rank):
+        while True:
+            chan.recv()
+            chan.send(sorted(seg.address for seg in memory._LENT))
+
+    big = 1 << 22
+    memory.trim()
+    with dask.config.set({"sharedmem.cache": 64 << 20}):
+        arrays = [sharedmem.empty(big, dtype="u1") for _ in range(4)]
+        addresses = {a.__array_interface__["data"][0] for a in arrays}
+        del arrays
+        try:
+            with Workers(2, main, initial=1) as w:
+                w.send(0, "go")
+                first = poll_all(w, 1)[0]
+                w.grow()
+                w.send(1, "go")
+                late = poll_all(w, 1)[1]
+        finally:
+            memory.trim()
+    assert len(first) == len(late) == 2  # four freed segments of one size, for two ranks
+    assert not set(first) & set(late) and set(first) | set(late) == addresses
 
 
 # -- finished workers, reaped lazily ---------------------------------------------
