@@ -97,9 +97,10 @@ _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always ge
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 _INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
 
-#: key name (a tuple key's first element) -> seconds its last task took
+#: key name (a tuple key's first element) -> seconds of its fastest task, in the
+#: last call that ran it; and the same by the name without dask's token
 _DURATIONS: dict[Any, float] = {}
-_BY_PREFIX: dict[str, float] = {}  # the same by key_split(name)
+_BY_PREFIX: dict[str, float] = {}
 _DURATIONS_MAX = 100_000
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
@@ -126,7 +127,18 @@ def _remember(timings: dict) -> None:
         _BY_PREFIX.clear()
     for name, seconds in timings.items():
         _DURATIONS[name] = least = min(seconds)
-        _BY_PREFIX[key_split(name)] = least
+        prefix = _prefix(name)
+        if prefix is not None:
+            _BY_PREFIX[prefix] = least
+
+
+def _prefix(name: Any) -> str | None:
+    """``name`` without dask's token (``sum-1a2b...`` -> ``sum``), None if it has none:
+    a key named by hand (``"x"``, ``0``) is only ever known by itself."""
+    if type(name) is not str:
+        return None
+    prefix = key_split(name)
+    return prefix if prefix != name else None
 
 
 def _inline_limit() -> float:
@@ -147,9 +159,11 @@ def _runs_here(state: dict, ntasks: int) -> bool:
         return False
     for keys in (state["ready"], state["waiting"]):
         for key in keys:
-            seconds = _DURATIONS.get(_name(key))
+            name = _name(key)
+            seconds = _DURATIONS.get(name)
             if seconds is None:
-                seconds = _BY_PREFIX.get(key_split(_name(key)))
+                prefix = _prefix(name)
+                seconds = None if prefix is None else _BY_PREFIX.get(prefix)
             if seconds is None:
                 return False
             estimate += seconds
