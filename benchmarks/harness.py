@@ -470,6 +470,7 @@ def machine() -> dict:
         "dask_sharedmem": dask_sharedmem.__version__,
         "peers": {d: version(d) for d in ("distributed", "joblib", "mpire", "sharedmem")},
         "loadavg_at_start": round(os.getloadavg()[0], 2),
+        "shmem_huge_pages": dask_sharedmem.memory.shmem_huge_pages(),
     }
 
 
@@ -478,7 +479,9 @@ def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpus']} CPUs ({m['usable_cpus']} usable), "
             f"{m['memory_gib']} GiB RAM, {m['platform']}; Python {m['python']}, "
             f"numpy {m['numpy']}, dask {m['dask']}, dask_sharedmem {m['dask_sharedmem']}; "
-            f"{peers}; load average {m['loadavg_at_start']} at start")
+            f"{peers}; load average {m['loadavg_at_start']} at start; huge pages for "
+            f"shared memory: {m.get('shmem_huge_pages', 'not recorded')} (the kernel's "
+            "shmem_enabled: with never, shared memory has 4 KiB pages)")
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dask_sharedmem demo: a {args.size} MB shared array in {len(chunks)} chunks; "
           f"each task fills its chunk in place, then loops in Python over 1 in {stride} "
           "elements")
+    huge = sharedmem.memory.shmem_huge_pages()
+    print(f"  huge pages for shared memory: {huge} (the kernel's shmem_enabled: "
+          + ("large segments use 2 MiB pages)" if sharedmem.memory._huge else
+             "4 KiB pages, which each worker maps one by one; 'advise' as root would "
+             "let large segments use 2 MiB pages)"))
     with sharedmem.MapReduce(np=args.workers) as pool:
         parallel, t_par = _timed(lambda: pool.map(work, chunks))
         np_used = pool.np

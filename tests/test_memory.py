@@ -850,3 +850,35 @@ def test_workers_write_results_into_lent_memory(cache, monkeypatch):
     reused = {a.__array_interface__["data"][0] for a in again} & addresses
     assert len(reused) == 4, "every result should land in memory the first compute freed"
     assert copied == 0
+
+
+def _vm_flags(address):
+    """The VmFlags of this process's mapping that starts at ``address``."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and not line.startswith("VmFlags"):
+                start = int(line.split("-")[0], 16)
+                inside = start == address
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping starts at {address:#x}")
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_large_segments_ask_for_huge_pages_where_the_kernel_allows(monkeypatch, allowed):
+    monkeypatch.setattr(memory, "_huge", allowed)
+    memory.trim()  # new segments, mapped here and now (kept ones keep their advice)
+    big = sm.empty(8 * MB, dtype="u1")
+    small = sm.empty(MB, dtype="u1")
+    assert memory._segment_of(big).fresh
+    assert ("hg" in _vm_flags(memory._segment_of(big).address)) is allowed
+    assert "hg" not in _vm_flags(memory._segment_of(small).address)
+    big[...] = 7  # and it works as memory
+    assert big.sum() == 7 * 8 * MB
+
+
+def test_shmem_huge_pages_reads_the_kernels_policy():
+    mode = memory.shmem_huge_pages()
+    assert mode in ("always", "within_size", "advise", "force", "never", "deny", "unavailable")
+    assert memory._huge == (mode in ("always", "within_size", "advise", "force"))
