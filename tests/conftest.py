@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import textwrap
 import threading
 
 import pytest
 
 from dask_sharedmem import memory, pool
+
+# A shell without job control starts background commands (``.ci/run &``) with
+# SIGINT ignored, which every process it starts inherits: Python then has no
+# KeyboardInterrupt, and the Ctrl-C tests (here and in their subprocesses, which
+# inherit a handler as SIG_DFL) would wait for one.  Restore what a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def children(pid: int | None = None) -> dict[int, str]:
