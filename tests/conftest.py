@@ -18,6 +18,7 @@ so its frames and their arrays, alive.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -61,6 +62,30 @@ def subprocess_script(body: str) -> str:
     """A script for ``python -c`` that can use this module's helpers (``children()``)."""
     return (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
             "from conftest import children\n" + textwrap.dedent(body))
+
+
+@contextlib.contextmanager
+def ended(proc):
+    """``with ended(subprocess.Popen(...)) as proc:`` -- on the way out, however
+    the test went, a process still running is SIGKILLed (with its process group,
+    if it leads one: its workers) and waited for.  ``with proc:`` alone only
+    waits: a test that failed while its subprocess ignored a signal left it, and
+    its workers, running after the suite."""
+    try:
+        with proc:
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    try:
+                        if os.getpgid(proc.pid) == proc.pid:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        else:
+                            proc.kill()
+                    except ProcessLookupError:
+                        pass
+    finally:
+        proc.wait()
 
 
 def status(field: str) -> int:

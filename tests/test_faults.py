@@ -49,6 +49,7 @@ from conftest import (
     TwoArgs,
     Unpicklable,
     children,
+    ended,
     measured,
     running,
     seen,
@@ -703,7 +704,7 @@ def wait_gone(pids, seconds):
 def test_parent_gets_sigint(engine, tmp_path, case):
     """Ctrl-C: KeyboardInterrupt in the parent, every worker reaped before it propagates."""
     proc, pids = start_parent(tmp_path, engine, nested=False)
-    with proc:
+    with ended(proc):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
@@ -722,7 +723,7 @@ def test_parent_gets_sigint(engine, tmp_path, case):
 def test_parent_is_killed(engine, sig, nested, tmp_path, case):
     """Workers (and their own workers) follow a killed parent within a second."""
     proc, pids = start_parent(tmp_path, engine, nested)
-    with proc:
+    with ended(proc):
         t0 = time.monotonic()
         proc.send_signal(getattr(signal, sig))
         gone = wait_gone(pids, 1.0)

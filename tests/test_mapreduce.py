@@ -22,7 +22,15 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import TwoArgs, Unpicklable, children, open_fds, running, subprocess_script
+from conftest import (
+    TwoArgs,
+    Unpicklable,
+    children,
+    ended,
+    open_fds,
+    running,
+    subprocess_script,
+)
 from dask.callbacks import Callback
 from dask.diagnostics import ProgressBar
 from numpy.testing import assert_almost_equal
@@ -1066,7 +1074,7 @@ def start_script(tmp_path, **kwargs):
 @pytest.mark.parametrize("group", [False, True], ids=["parent", "process-group"])
 def test_ctrl_c(tmp_path, group):
     proc, workers = start_script(tmp_path, start_new_session=True)
-    with proc:
+    with ended(proc):
         t0 = time.perf_counter()
         if group:  # what a terminal does: every process of the foreground group
             os.killpg(proc.pid, signal.SIGINT)
@@ -1084,7 +1092,7 @@ def test_ctrl_c(tmp_path, group):
 
 def test_workers_die_with_a_killed_parent(tmp_path):
     proc, workers = start_script(tmp_path)
-    with proc:
+    with ended(proc):
         assert all(running(pid) for pid in workers)
         t0 = time.perf_counter()
         proc.kill()

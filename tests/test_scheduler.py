@@ -25,7 +25,7 @@ import dask.bag as db
 import dask.local
 import numpy as np
 import pytest
-from conftest import live_segments, subprocess_script
+from conftest import ended, live_segments, subprocess_script
 from dask.callbacks import Callback
 from dask.diagnostics import Profiler, ProgressBar, ResourceProfiler
 from dask.highlevelgraph import HighLevelGraph
@@ -830,7 +830,7 @@ def _gone(pid):
 def test_ctrl_c_stops_workers(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with ended(proc):
         deadline = time.monotonic() + 30
         while len(os.listdir(tmp_path)) < 2 and proc.poll() is None \
                 and time.monotonic() < deadline:
@@ -839,10 +839,6 @@ def test_ctrl_c_stops_workers(tmp_path):
         assert len(workers) == 2, proc.communicate(timeout=5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == -signal.SIGINT, (out, err)
     assert "KeyboardInterrupt" in err
     assert out.strip() == "[]"  # no child left when the exception reached the caller
