@@ -101,7 +101,7 @@ _INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
 #: last call that ran it; and the same by the name without dask's token
 _DURATIONS: dict[Any, float] = {}
 _BY_PREFIX: dict[str, float] = {}
-_DURATIONS_MAX = 100_000
+_DURATIONS_MAX = 10_000
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
                                            "threshold": channel.DEFAULT_THRESHOLD}})
@@ -151,9 +151,8 @@ def _inline_limit() -> float:
     return float(value)
 
 
-def _runs_here(state: dict, ntasks: int) -> bool:
-    """Whether the graph's tasks, as measured in earlier calls, take less than a fork."""
-    limit = _inline_limit()
+def _runs_here(state: dict, ntasks: int, limit: float) -> bool:
+    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``."""
     estimate = ntasks * _INLINE_PER_TASK
     if estimate >= limit:
         return False
@@ -309,6 +308,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
         dsk = dsk.__dask_graph__()
     wanted = _check_arguments(dsk, keys, threshold, cache)
+    limit = _inline_limit()
     callbacks = _normalize_callbacks(callbacks)
     dsk = convert_legacy_graph(dsk)
     if cache is None:
@@ -322,6 +322,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         state: dict = {}
         started: list = []
         timings: dict = {}  # key name -> seconds of each of its tasks: see _remember
+        ntasks = 0
         succeeded = False
         try:
             while True:
@@ -336,7 +337,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         f(dsk)
                         started.append(f)
                     break
-                if _runs_here(state, ntasks):
+                if _runs_here(state, ntasks, limit):
                     if not started:
                         before = dict(dsk) if start_cbs else None
                         for f in start_cbs:
@@ -358,7 +359,8 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                 break
             succeeded = True
         finally:
-            _remember(timings)
+            if ntasks * _INLINE_PER_TASK < limit:  # else it could never run here
+                _remember(timings)
             if started:
                 for f in finish_cbs:
                     f(dsk, state, not succeeded)

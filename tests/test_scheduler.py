@@ -993,3 +993,13 @@ def test_inline_config_must_be_seconds(value):
     with dask.config.set({"sharedmem.inline": value}):
         with pytest.raises(ValueError, match="sharedmem.inline must be a number of seconds"):
             dask_sharedmem.get(dsk, "x")
+
+
+def test_a_graph_too_big_to_run_here_is_not_remembered():
+    """Names of graphs that could never run in the caller (20 us of bookkeeping per
+    task alone exceeds sharedmem.inline) are not kept: the memory of names stays small."""
+    dsk = {f"t-{i}": (inc, i) for i in range(2000)}
+    dask_sharedmem.get(dsk, list(dsk))
+    assert not dask_sharedmem.scheduler._DURATIONS
+    dask_sharedmem.get({"x": (inc, 1)}, "x")
+    assert "x" in dask_sharedmem.scheduler._DURATIONS
