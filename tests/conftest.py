@@ -266,3 +266,13 @@ def always_fork():
 
     with dask.config.set({"sharedmem.inline": 0}):
         yield
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """The list of worker sessions started during the test (their worker counts):
+    how a test sees whether a call forked or ran in the caller."""
+    started = []
+    start = pool.Workers.start
+    monkeypatch.setattr(pool.Workers, "start", lambda self: started.append(self.n) or start(self))
+    return started

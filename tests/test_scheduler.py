@@ -930,16 +930,12 @@ def test_a_task_name_never_measured_forks():
     assert os.getpid() not in other.compute(scheduler="sharedmem")
 
 
-def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(monkeypatch):
-    forks = []
-    start = dask_sharedmem.pool.Workers.start
-    monkeypatch.setattr(dask_sharedmem.pool.Workers, "start",
-                        lambda self: forks.append(self.n) or start(self))
+def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions):
     a = dask_sharedmem.ones(4 * MB // 8)
     y = (da.from_array(a, chunks=len(a) // 8) + 1)
     y.compute(scheduler="sharedmem")
     out = y.compute(scheduler="sharedmem")
-    assert len(forks) == 1  # the second ran here
+    assert len(sessions) == 1  # the second ran here
     assert type(out) is np.ndarray and (out == 2).all()
 
     seen = []
@@ -973,9 +969,10 @@ def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(monkeypa
     with pytest.raises(KeyError, match="bad") as info:
         dask_sharedmem.get({"f": (fails, 1)}, "f")
     assert not isinstance(info.value.__cause__, RemoteTraceback)  # raised here, as threads
+    assert len(sessions) == 3  # the first call of each of the three graphs, no other
 
 
-def test_in_the_caller_a_start_callback_that_changes_the_graph_is_followed():
+def test_in_the_caller_a_start_callback_that_changes_the_graph_is_followed(sessions):
     from dask.cache import Cache
 
     dsk = {"x": (inc, 1), "y": (inc, "x")}
@@ -985,6 +982,7 @@ def test_in_the_caller_a_start_callback_that_changes_the_graph_is_followed():
         assert dask_sharedmem.get(dsk, "y") == 3
         assert dask_sharedmem.get(dsk, "y") == 3  # from the cache, which put "y" in the graph
     assert "y" in cache.cache.data
+    assert len(sessions) == 1  # both calls under the cache ran here
 
 
 @pytest.mark.parametrize("value", [-1, "fast", True])
