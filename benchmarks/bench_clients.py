@@ -84,6 +84,11 @@ def _bag_check(ctx: Any, result: Any) -> str | None:
     return None
 
 
+#: both workloads: speed-ups over threads and sync, plotted over threads
+_COLUMNS = [speedup(THREADS, "speed-up vs threads"), speedup(SYNC, "speed-up vs sync")]
+_PLOT = Plot("speed-up over dask threads (log)", value=speedup_bar(THREADS), ref=1.0, log=True)
+
+
 workload(Workload(
     name="bag",
     label="9a",
@@ -96,9 +101,8 @@ workload(Workload(
         f"words): pure-Python work that holds the GIL; {cfg.workers} workers"),
     setup=_bag_setup,
     check=_bag_check,
-    columns=[speedup(THREADS, "speed-up vs threads"), speedup(SYNC, "speed-up vs sync")],
-    plot=Plot("speed-up over dask threads (log)", value=speedup_bar(THREADS), ref=1.0,
-              log=True),
+    columns=_COLUMNS,
+    plot=_PLOT,
     teardown=_clear,
     needs_cluster=True,
 ))
@@ -175,9 +179,8 @@ workload(Workload(
         f"{cfg.workers} workers"),
     setup=_frame_setup,
     check=_frame_check,
-    columns=[speedup(THREADS, "speed-up vs threads"), speedup(SYNC, "speed-up vs sync")],
-    plot=Plot("speed-up over dask threads (log)", value=speedup_bar(THREADS), ref=1.0,
-              log=True),
+    columns=_COLUMNS,
+    plot=_PLOT,
     teardown=_clear,
     needs_cluster=True,
     footer=_frame_footer,
