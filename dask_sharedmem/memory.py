@@ -462,7 +462,11 @@ def _pickle_data(a: np.ndarray) -> pickle.PickleBuffer:
     (``PickleBuffer`` of the array itself refuses datetime64 and timedelta64,
     which have no buffer format; :func:`_rebuild` reinterprets the bytes.)
     """
-    return pickle.PickleBuffer(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    data: Any = np.ascontiguousarray(a).reshape(-1).view(np.uint8)  # numpy's stubs vary
+    return pickle.PickleBuffer(data)
+
+
+_NUMPY_1 = np.lib.NumpyVersion(np.__version__) < "2.0.0"
 
 
 class SharedArray(np.ndarray):
@@ -492,7 +496,8 @@ class SharedArray(np.ndarray):
         if _segment_of(obj) is not None:  # e.g. ``out=shared``: stay shared
             return obj.view(SharedArray) if type(obj) is not SharedArray else obj
         obj = obj.view(np.ndarray)
-        return obj[()] if return_scalar else obj
+        # numpy 1.x has no return_scalar: it gives a plain array's 0-d results as scalars
+        return obj[()] if return_scalar or (_NUMPY_1 and not obj.ndim) else obj
 
     def __array_function__(self, func, types, args, kwargs):
         if func is np.concatenate:

@@ -450,6 +450,7 @@ def test_profiler_records_every_task_with_worker_ids():
 
 
 def test_resource_profiler():
+    pytest.importorskip("psutil")
     x = da.ones((200, 200), chunks=50)
     with ResourceProfiler(dt=0.01) as rprof:
         assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 40000
@@ -457,6 +458,7 @@ def test_resource_profiler():
 
 
 def test_resource_profiler_started_by_the_callback():
+    pytest.importorskip("psutil")
     """Registered, not entered: its tracker process is forked *during* get.
 
     That tracker inherits the parent's ends of the workers' sockets; the
@@ -973,6 +975,7 @@ def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions
 
 
 def test_in_the_caller_a_start_callback_that_changes_the_graph_is_followed(sessions):
+    pytest.importorskip("cachey")
     from dask.cache import Cache
 
     dsk = {"x": (inc, 1), "y": (inc, "x")}
