@@ -89,6 +89,7 @@ import io
 import numbers
 import os
 import pickle
+import re
 import resource
 import selectors
 import signal
@@ -100,7 +101,7 @@ import traceback
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from dask.multiprocessing import default_initializer
 
@@ -494,6 +495,45 @@ def _new_forking_lock() -> None:
 os.register_at_fork(after_in_child=_new_forking_lock)
 
 
+#: Python 3.12+ warns at every ``os.fork()`` while another Python thread runs;
+#: this filter silences it for the forks of this module only (see :func:`_fork`)
+_FORK_WARNING = ("ignore", re.compile(r"This process \(pid=\d+\) is multi-threaded, use of "
+                                      r"fork\(\) may lead to deadlocks", re.I),
+                 DeprecationWarning, re.compile(r"dask_sharedmem\.pool\Z"), 0)
+
+
+def _fork() -> int:
+    """``os.fork()``, without Python 3.12's ``DeprecationWarning`` about other threads.
+
+    The warning names a real hazard: a lock that another thread holds at the
+    fork stays locked in the child.  This package keeps its own side of it
+    safe -- the threads it starts (dask callbacks such as ProgressBar) start
+    after its forks, its locks and dask's thread pools are made anew in the
+    child -- and the README's Limitations tell the user's side (a task must
+    not need a lock that one of the caller's threads holds).  But the warning
+    fires at every fork once any other thread exists: after one compute with
+    dask's ``threads`` scheduler (its idle pool threads live on), in every
+    Jupyter kernel, under every ProgressBar of an outer call.  Shown by pytest
+    at each call, it would be noise that threads never give.  So it is
+    filtered for this call site only: the filter is put in front of the
+    filters in use and taken out again, by identity, in parent and child, so
+    an ``os.fork()`` of the user's still warns.  (The list is changed in
+    place: a ``catch_warnings`` entered meanwhile in another thread keeps a
+    copy with this one entry, which only ever matches this module's forks.
+    ``warnings._filters_mutated()`` is not called: it would make every
+    location warned once so far warn again.)
+    """
+    filters = cast(list, warnings.filters)
+    filters.insert(0, _FORK_WARNING)
+    try:
+        return os.fork()
+    finally:
+        for k, entry in enumerate(filters):
+            if entry is _FORK_WARNING:
+                del filters[k]
+                break
+
+
 def _die_with_parent(parent_pid: int) -> None:
     global _libc
     if sys.platform.startswith("linux"):
@@ -714,7 +754,7 @@ class Workers:
         try:
             memory._ours.forking = True  # a worker we reap: see memory._before_fork
             try:
-                pid = os.fork()
+                pid = _fork()
             except BaseException:
                 mine.close()
                 theirs.close()

@@ -130,3 +130,36 @@ except RuntimeWarning as e:
     assert name == "RuntimeWarning" and message == "invalid value encountered in sqrt"
     assert "in a worker process, in task (" in cause and "sqrt" in cause
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="Python 3.12 added the warning")
+def test_forks_with_other_threads_alive_warn_only_where_the_user_forks():
+    """Python 3.12+ warns at every os.fork() while another thread runs.  Ours are
+    filtered (pool._fork): a compute or a map with dask's threads pool alive (as
+    after any compute with scheduler="threads") shows what threads show, nothing
+    more; an os.fork() of the user's still warns, and no filter is left behind."""
+    import os
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    filters = list(warnings.filters)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert da.ones(10, chunks=5).sum().compute(scheduler="sharedmem") == 10
+            with MapReduce(np=2) as pool:
+                assert pool.map(abs, [-1, -2]) == [1, 2]
+            assert dask_sharedmem.background(abs, -3).wait() == 3
+            assert caught == []
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        assert [(w.category, w.filename) for w in caught] == [(DeprecationWarning, __file__)]
+        assert "is multi-threaded, use of fork() may lead to deadlocks" in str(caught[0].message)
+        assert warnings.filters == filters
+    finally:
+        stop.set()
+        thread.join()
