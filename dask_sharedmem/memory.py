@@ -29,15 +29,20 @@ forked child inherits).  That is what pickling uses:
   lose: where its segment is unknown -- another process, or the original is
   gone -- it unpickles as a new empty shared array, with any protocol.
 
-When the last view of a segment is gone, a ``weakref.finalize`` keeps its
-memory for reuse (see "reuse" at the end of this module: a bounded cache,
-and the rule that no other live process may still see what is reused) or
-unmaps it and closes its memfd.  The file
-descriptor is kept open while the segment lives because ``channel.py`` passes
-it to other processes (``SCM_RIGHTS``) so that results made in one worker can
-be mapped by the parent and by others -- but only up to half the limit on
-open files: past that the oldest descriptors are closed (the mappings stay),
-so tens of thousands of live arrays never exhaust descriptors.
+When the last view of a segment is gone, a ``weakref.finalize`` unmaps it
+and closes its memfd: the memory returns to the system once no process maps
+it.  It is never handed out again while another process may still see it --
+a worker, a process that a task forked, a child of the user's -- so ``zeros``
+are zeros and ``empty`` is zero-filled, as fresh anonymous memory always is.
+(A cache of freed segments once made results in shared memory cheaper; it
+needed a rule for every process that might still map what it reused, and
+got some wrong.  Large results no longer live in shared memory -- see
+``transports`` -- so it went.)  The file descriptor is kept open while the
+segment lives because ``channel.py`` passes it to other processes
+(``SCM_RIGHTS``) so that a shared array made in one process can be mapped by
+the others -- but only up to half the limit on open files: past that the
+oldest descriptors are closed (the mappings stay), so tens of thousands of
+live arrays never exhaust descriptors.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -69,13 +74,11 @@ __all__ = [
     "full_like",
     "ones",
     "ones_like",
-    "trim",
     "zeros",
     "zeros_like",
 ]
 
-#: set in pool workers: arrays that arrive there in shared memory are SharedArrays,
-#: so that joining them (np.concatenate, as dask's finalize does) stays shared
+#: set in pool workers (forksafe.py writes through the parent from there)
 _in_worker = False
 
 #: .on while the dask scheduler's parent reads results: the arrays in them are plain
@@ -166,18 +169,17 @@ class _Segment:
     __slots__ = ("__array_interface__", "__weakref__", "address", "fresh", "serial", "size",
                  "token")
 
-    def __init__(self, fd: int, size: int, token: str, address: int | None = None):
+    def __init__(self, fd: int, size: int, token: str, fresh: bool = True):
         #: True while its pages have never been written (a new memfd reads as zeros)
-        self.fresh = address is None
-        if address is None:
-            address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                                 fd, 0)
-            if address in (None, _MAP_FAILED):
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of {size} bytes of shared memory failed: "
-                                   f"{os.strerror(err)}")
-            if _huge and size >= _HUGE_MIN:  # see shmem_huge_pages
-                _libc.madvise(address, size, _MADV_HUGEPAGE)
+        self.fresh = fresh
+        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                             fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {size} bytes of shared memory failed: "
+                               f"{os.strerror(err)}")
+        if _huge and size >= _HUGE_MIN:  # see shmem_huge_pages
+            _libc.madvise(address, size, _MADV_HUGEPAGE)
         global _serial
         _serial += 1
         self.token = token
@@ -187,8 +189,7 @@ class _Segment:
         self.__array_interface__ = {"data": (address, False), "shape": (size,),
                                     "typestr": "|u1", "version": 3}
         # not at exit: arrays still referenced then (module globals) must stay mapped
-        weakref.finalize(self, _release, token, fd, address, size, _serial,
-                         _foreign_forks).atexit = False
+        weakref.finalize(self, _release, token, fd, address, size).atexit = False
         if fd >= 0:
             with _FDS_LOCK:
                 _FDS[token] = fd
@@ -249,27 +250,13 @@ def _populate_range(address: int, length: int, fresh: bool | None = None) -> Non
             raise MemoryError(f"Unable to allocate {length} bytes of shared memory")
 
 
-def _release(token: str, fd: int, address: int, size: int, serial: int, forks: int) -> None:
-    """The last view of a segment in this process is gone: cache its memory, or unmap it."""
-    # descriptors are a budget (a process may be allowed 128): what is kept for
-    # reuse is the mapping only; a reused segment crosses by value to a process
-    # that did not inherit it (channel.py), lent ones as the parent's own
+def _release(token: str, fd: int, address: int, size: int) -> None:
+    """The last view of a segment in this process is gone: unmap it, close its memfd."""
     with _FDS_LOCK:
         if _FDS.get(token) == fd:  # else _trim_fds closed it already
             del _FDS[token]
             os.close(fd)
-    free = _Free(size, address)
-    given = token in _given
-    _given.discard(token)
-    if given or serial <= _birth or forks != _foreign_forks or size < _CACHE_MIN:
-        _unmap(free)  # another process may still see it
-        return
-    limit = _limit()
-    with _CACHE_LOCK:
-        if _unreaped:  # these workers may still hold a view: wait until they are reaped
-            _pending.append((free, frozenset(_unreaped)))
-        else:
-            _keep(free, limit)
+    _libc.munmap(address, size)
 
 
 #: while > 0, a channel is about to send descriptors: _trim_fds leaves them open
@@ -302,41 +289,18 @@ def _recently_used(tokens: Iterable[str]) -> None:
                 _FDS.move_to_end(token)
 
 
-def _before_fork() -> None:
-    global _foreign_forks
-    if not getattr(_ours, "forking", False):
-        _foreign_forks += 1  # a child we will not reap may see every live segment
-
-
 def _after_fork_in_child() -> None:
-    global _pinned, _FDS_LOCK, _CACHE_LOCK, _birth, _cached_bytes
+    global _pinned, _FDS_LOCK
     _pinned = 0  # another thread of the parent may have been sending
     _FDS_LOCK = threading.RLock()  # ... or holding the lock
-    _CACHE_LOCK = threading.RLock()
-    # the parent's cache is the parent's: a child that reused it would write into
-    # memory the parent hands out next (the mappings go with the child)
-    _cache.clear()
-    _pending.clear()
-    _cached_bytes = 0
-    _LENT.clear()
-    _lent_tokens.clear()
-    _birth = _serial  # the segments that exist now are the parent's
-    _unreaped.clear()
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _new_segment(nbytes: int, token: str | None = None) -> _Segment:
-    """A segment of at least ``nbytes`` (>= 1) bytes: reused if one is free, else new.
-
-    A new one reads as zeros (``.fresh``); a reused one holds old bytes.
-    """
+    """A new segment of at least ``nbytes`` (>= 1) bytes; it reads as zeros."""
     size = max(int(nbytes), 1)  # mmap refuses length 0; zero-size arrays need a home too
-    if size >= _CACHE_MIN:
-        seg = _reuse(size, token)
-        if seg is not None:
-            return seg
     try:
         fd = os.memfd_create("dask_sharedmem", os.MFD_CLOEXEC)
     except OSError as e:
@@ -378,13 +342,10 @@ def _adopt_segment(fd: int, size: int, token: str) -> _Segment:
         os.close(fd)
         return seg
     try:
-        seg = _Segment(fd, size, token)
+        return _Segment(fd, size, token, fresh=False)
     except BaseException:
         os.close(fd)
         raise
-    if _in_worker:  # from the parent, which keeps it: never reuse it here
-        _given.add(token)
-    return seg
 
 
 def _segment_of(a: Any) -> _Segment | None:
@@ -420,8 +381,6 @@ def _rebuild(handle: tuple, data: Any = None, cls: type | None = None) -> np.nda
     if getattr(_arrivals, "plain", False):
         cls = np.ndarray
     if seg is not None:
-        if cls is np.ndarray and _in_worker:
-            cls = SharedArray
         return _view(seg, offset, shape, strides, dtype, cls)
     nbytes = math.prod(shape) * dtype.itemsize
     if data is not None or not nbytes:
@@ -500,10 +459,6 @@ class SharedArray(np.ndarray):
         return obj[()] if return_scalar or (_NUMPY_1 and not obj.ndim) else obj
 
     def __array_function__(self, func, types, args, kwargs):
-        if func is np.concatenate:
-            out = _shared_concatenate(*args, **kwargs)
-            if out is not None:
-                return out
         # numpy functions other than ufuncs (dot, sort, ...) would give our
         # type to results in private memory: only views stay shared
         return _plain_unless_shared(super().__array_function__(func, types, args, kwargs))
@@ -531,105 +486,6 @@ class SharedArray(np.ndarray):
 
     def __reduce__(self):
         return self.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
-
-
-#: concatenations of shared arrays at least this large are made in shared memory
-_CONCATENATE_SHARED_MIN = 1 << 20
-
-
-def _shared_concatenate(arrays: Any, axis: Any = 0, out: Any = None, *, dtype: Any = None,
-                        casting: Any = "same_kind") -> SharedArray | None:
-    """``np.concatenate`` of shared arrays into a new shared array, or None for numpy's own.
-
-    Joining shared pieces (dask's chunks, in a worker) gives a shared result
-    that crosses to other processes as a handle: no copy of the whole.  Only
-    where the result is allocated differs from numpy, so numpy keeps every
-    call it would refuse (out-of-range axis, mismatched shapes, ...) and every
-    call with ``out``, ``axis=None``, a small result or unusual inputs; and
-    numpy itself resolves ``dtype`` and checks ``casting``, on empty arrays of
-    the inputs' dtypes, before shared memory is allocated.  (The result is in
-    C order, where numpy follows the inputs' layout.)  The signature is that
-    of numpy's dispatcher, which has checked the arguments against it.
-    """
-    if (out is not None or not isinstance(arrays, (list, tuple)) or not arrays
-            or isinstance(axis, bool)  # an int to Python, refused by numpy
-            or not isinstance(axis, (int, np.integer))):
-        return None
-    arrays = [np.asarray(a) for a in arrays]
-    ndim = arrays[0].ndim
-    if not -ndim <= axis < ndim or any(a.ndim != ndim for a in arrays):
-        return None
-    ax = operator.index(axis) % ndim
-    rest = {a.shape[:ax] + a.shape[ax + 1:] for a in arrays}
-    if len(rest) > 1:
-        return None
-    dtype = np.concatenate([np.empty(0, a.dtype) for a in arrays], dtype=dtype,
-                           casting=casting).dtype
-    shape = list(arrays[0].shape)
-    shape[ax] = sum(a.shape[ax] for a in arrays)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if dtype.hasobject or nbytes < _CONCATENATE_SHARED_MIN:
-        return None
-    parts = min(len(arrays), len(os.sched_getaffinity(0)), 8) if nbytes >= _PARALLEL_MIN else 1
-    if parts <= 1:
-        out = _populate(empty(shape, dtype))
-        np.concatenate(arrays, axis=ax, out=out, casting=casting)
-        return out
-    return _parallel_concatenate(arrays, ax, shape, dtype, casting, parts)
-
-
-#: concatenations at least this large are copied by several threads, one per CPU
-#: (dask's finalize joins all chunks in one task: the other workers are idle then)
-_PARALLEL_MIN = 64 << 20
-
-
-def _parallel_concatenate(arrays: list, ax: int, shape: list, dtype: np.dtype,
-                          casting: str, parts: int) -> SharedArray:
-    """``np.concatenate`` into new shared memory, ``parts`` threads at once.
-
-    Each thread faults in its share of the new segment (``_populate``) and
-    copies a run of consecutive inputs: both page faults and copies release
-    the GIL, so a 512 MB join takes about half as long with two CPUs.
-    """
-    out = empty(shape, dtype)
-    seg = _segment_of(out)
-    assert seg is not None
-    fresh, seg.fresh = seg.fresh, False
-    total = sum(a.nbytes for a in arrays)
-    groups: list[tuple[int, int, list]] = []  # (start, stop along ax, inputs)
-    start = done = 0
-    group: list = []
-    for k, a in enumerate(arrays):
-        group.append(a)
-        done += a.nbytes
-        if done * parts >= total * (len(groups) + 1) or k == len(arrays) - 1:
-            stop = start + sum(g.shape[ax] for g in group)
-            groups.append((start, stop, group))
-            start, group = stop, []
-    page = mmap.PAGESIZE
-    chunk = -(-seg.size // len(groups) // page) * page
-    errors: list[BaseException] = []
-
-    def copy(k: int) -> None:
-        try:
-            lo = k * chunk
-            if lo < seg.size:
-                _populate_range(seg.address + lo, min(chunk, seg.size - lo), fresh)
-            a, b, inputs = groups[k]
-            index = (slice(None),) * ax + (slice(a, b),)
-            np.concatenate(inputs, axis=ax, out=out[index], casting=casting)  # type: ignore[call-overload]
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=copy, args=(k,)) for k in range(1, len(groups))]
-    for t in threads:
-        t.start()
-    copy(0)
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
 
 
 def _plain_unless_shared(obj: Any) -> Any:
@@ -724,16 +580,14 @@ def zeros(shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> S
     >>> sharedmem.zeros(3)
     SharedArray([0., 0., 0.])
     """
-    out = empty(shape, dtype, order)
-    seg = _segment_of(out)
-    if seg is not None and not seg.fresh:  # reused memory holds old bytes
-        ctypes.memset(seg.address, 0, out.nbytes)
-    return out
+    return empty(shape, dtype, order)  # new shared memory reads as zeros
 
 
 def zeros_like(prototype: Any, dtype: Any = None, order: str = "K",
                shape: int | Iterable[int] | None = None) -> SharedArray:
     """Return a shared array of zeros like ``prototype`` (see :func:`numpy.zeros_like`).
+
+    New shared memory reads as zeros: it is never memory freed earlier.
 
     Examples
     --------
@@ -832,187 +686,3 @@ def fromiter(iter: Iterable, dtype: Any, count: int = -1) -> SharedArray:
     SharedArray([0, 1, 2])
     """
     return copy(np.fromiter(iter, dtype, count))
-
-
-# -- reuse: the cache of freed shared memory --------------------------------------
-#
-# New shared pages are the dominant cost of large results (3.6-4.4 us per 4 KiB
-# page here, against 1 us to map an existing one in a forked worker and nothing
-# to rewrite one this process has mapped).  So the memory of a freed segment is
-# kept (mapped; its descriptor is closed) and handed out again, under one rule:
-#
-#   memory is reused only when no other live process can hold a view of it.
-#
-# * A child forked while a segment was alive inherits its mapping.  Forks made
-#   by this package's worker pools are reported (_forked_child/_reaped_child):
-#   what is freed while such workers are unreaped waits in _pending until each
-#   of them has been reaped.  Any other fork (os.fork, multiprocessing's fork) is a
-#   child we never reap: every segment alive at that moment is never reused
-#   (_foreign_forks, compared in _release).
-# * A worker's segments that went to its parent stay the parent's, as do the
-#   parent's that a worker inherited or received: a worker never reuses them
-#   (_given, _birth).  A worker reuses only its own share of the parent's cache,
-#   lent to it at the fork for one use each (_lend, _LENT).
-# * A reused segment gets a new token: a handle pickled before it was freed
-#   never resolves to its new contents.
-# The cache holds at most dask config ``sharedmem.cache`` bytes (default: an
-# eighth of physical memory; 0 turns it off), oldest out first; trim() empties it.
-
-
-class _Free(NamedTuple):
-    """A freed segment's memory: mapped here, referenced by no array, no descriptor."""
-
-    size: int
-    address: int
-
-
-#: segments smaller than this are not kept: cheap to make anew, and each holds a descriptor
-_CACHE_MIN = 1 << 20
-_cache: list[_Free] = []  # oldest first
-_cached_bytes = 0
-#: freed while workers that may see them were unreaped: (memory, those workers' pids)
-_pending: list[tuple[_Free, frozenset[int]]] = []
-#: reentrant: a segment's finalizer may run, through the garbage collector, while it is held
-_CACHE_LOCK = threading.RLock()
-#: pids of this process's forked workers not yet reaped (pool.py reports both ends)
-_unreaped: set[int] = set()
-#: forks not made by our pools so far (see _before_fork)
-_foreign_forks = 0
-_ours = threading.local()  # .forking: pool.py is forking one of its workers
-#: _serial when this process was forked: segments up to it are its parent's
-_birth = 0
-#: tokens of segments another process may keep a view of (sent to or received from the parent)
-_given: set[str] = set()
-#: in a worker: the parent's cached segments lent to it for this session, each for one use
-_LENT: list[_Segment] = []
-#: ... and their tokens, which cross to the parent as bare handles (it holds them)
-_lent_tokens: set[str] = set()
-
-
-def _limit() -> int:
-    """The cache's size in bytes (dask config ``sharedmem.cache``)."""
-    import dask.config
-    from dask.utils import parse_bytes
-
-    value = dask.config.get("sharedmem.cache", None)
-    if value is None:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
-    return int(parse_bytes(value) if isinstance(value, str) else value)
-
-
-def _fits(size: int, nbytes: int) -> bool:
-    """Whether a free segment of ``size`` bytes may serve ``nbytes`` (a quarter wasted at most)."""
-    return nbytes <= size <= nbytes + nbytes // 4 + _PAGE
-
-
-def _unmap(free: _Free) -> None:
-    _libc.munmap(free.address, free.size)
-
-
-def _keep(free: _Free, limit: int) -> None:
-    """Put ``free`` in the cache, oldest out while over ``limit`` (_CACHE_LOCK held)."""
-    global _cached_bytes
-    if free.size > limit:
-        _unmap(free)
-        return
-    _cache.append(free)
-    _cached_bytes += free.size
-    while _cached_bytes > limit:
-        old = _cache.pop(0)
-        _cached_bytes -= old.size
-        _unmap(old)
-
-
-def _reuse(nbytes: int, token: str | None) -> _Segment | None:
-    """A segment of at least ``nbytes`` from this worker's lent share or the cache."""
-    global _cached_bytes
-    if _LENT and token is None:  # a pack's token is already in its handles: not for it
-        fitting = [s for s in _LENT if _fits(s.size, nbytes)]
-        if fitting:
-            seg = min(fitting, key=lambda s: s.size)
-            _LENT.remove(seg)
-            return seg
-    if not _cache:
-        return None
-    with _CACHE_LOCK:
-        fitting_free = [f for f in _cache if _fits(f.size, nbytes)]
-        if not fitting_free:
-            return None
-        free = min(fitting_free, key=lambda f: f.size)
-        _cache.remove(free)
-        _cached_bytes -= free.size
-    return _Segment(-1, free.size, token or os.urandom(12).hex(), free.address)
-
-
-def _lend(n: int) -> list[list[_Segment]]:
-    """Before forking ``n`` workers: each one's share of the cache.
-
-    Segments of one size are dealt out evenly (chunks of an array are alike);
-    what does not divide stays here, for this process (the join of the chunks).
-    The shares stay alive in the caller (``Workers``) until its workers are
-    reaped, so a worker's result in one is found here by its token.
-    """
-    global _cached_bytes
-    shares: list[list[_Segment]] = [[] for _ in range(n)]
-    if not _cache or n < 1:
-        return shares
-    with _CACHE_LOCK:
-        by_size: dict[int, list[_Free]] = {}
-        for free in _cache:
-            by_size.setdefault(free.size, []).append(free)
-        lent = []
-        for frees in by_size.values():
-            lent.extend(frees[:len(frees) - len(frees) % n])
-        for free in lent:
-            _cache.remove(free)
-            _cached_bytes -= free.size
-    for k, free in enumerate(lent):
-        shares[k % n].append(_Segment(-1, free.size, os.urandom(12).hex(), free.address))
-    return shares
-
-
-def _forked_child(pid: int) -> None:
-    """pool.py forked the worker ``pid``: it sees every segment alive now."""
-    with _CACHE_LOCK:
-        _unreaped.add(pid)
-
-
-def _reaped_child(pid: int) -> None:
-    """pool.py reaped the worker ``pid``: what only it (and the reaped) could see is free."""
-    limit = _limit() if _pending else 0
-    with _CACHE_LOCK:
-        _unreaped.discard(pid)
-        still = []
-        for free, seen_by in _pending:
-            if seen_by & _unreaped:
-                still.append((free, seen_by))
-            else:
-                _keep(free, limit)
-        _pending[:] = still
-
-
-def trim() -> int:
-    """Return the shared memory kept for reuse to the operating system; say how many bytes.
-
-    Freed shared arrays keep their memory in a bounded cache (dask config
-    ``sharedmem.cache``, bytes: default an eighth of physical memory, 0 turns
-    it off), because making shared memory anew costs several times more than
-    reusing it.  ``trim()`` empties it, e.g. before handing the memory to
-    another program.
-
-    Examples
-    --------
-    >>> import dask_sharedmem as sharedmem
-    >>> a = sharedmem.empty(1 << 21); del a
-    >>> sharedmem.trim() >= 0
-    True
-    """
-    global _cached_bytes
-    with _CACHE_LOCK:
-        frees = _cache + [free for free, _ in _pending]
-        _cache.clear()
-        _pending.clear()
-        _cached_bytes = 0
-    for free in frees:
-        _unmap(free)
-    return sum(f.size for f in frees)
