@@ -25,7 +25,6 @@ from .memory import (
     full_like,
     ones,
     ones_like,
-    trim,
     zeros,
     zeros_like,
 )
@@ -61,7 +60,6 @@ __all__ = [
     "ones_like",
     "set_debug",
     "total_memory",
-    "trim",
     "zeros",
     "zeros_like",
 ]

@@ -1,34 +1,52 @@
-"""Parent <-> worker messages: framed pickles over a Unix socket, with shared
-memory passed alongside as file descriptors.
+"""Parent <-> worker messages: framed pickles over a Unix socket; large buffers
+cross beside them (``transports``), never through the socket.
 
 One message on the wire::
 
-    +-------------------+----------------------+-----------------------------+
-    | header (16 bytes) | segment table        | pickle of the object        |
-    | body len, n segs  | n x (token, size)    | (protocol 5, in band)       |
-    +-------------------+----------------------+-----------------------------+
-      SCM_RIGHTS: the n memfds of the segments ride on the header's bytes
+    +--------------------+----------------+--------+-----------+---------------+
+    | header (32 bytes)  | segment table  | acks   | stand-ins | body          |
+    | lengths and counts | n x (token,    | n x u64| (pickle)  | (pickle, pro- |
+    |                    |  size)         |        |           | tocol 5)      |
+    +--------------------+----------------+--------+-----------+---------------+
+      SCM_RIGHTS: the memfds of the segment table ride on the header's bytes
 
-Pickling is done by :class:`_Pickler`, which differs from ``pickle.dumps`` in
-one way: numpy arrays that live in shared memory -- and plain numpy arrays of
-at least ``threshold`` bytes, which it first copies into a fresh segment --
-are written as *handles* (see ``memory.py``) and their segments' memfds are
-attached to the message.  The receiver maps every attached segment it does
-not know yet and registers it *before* unpickling, so every handle in the
-body resolves to a view of shared memory: large data never crosses the
-socket, only its file descriptor does.
+The *body* is the object, pickled by :class:`_ValuePickler` with protocol 5:
+every numpy array of at least ``threshold`` bytes (and every pickle buffer
+that large: pandas and xarray objects carry their arrays that way) is taken
+out of band and *offered* to the transport (``transports.Outbox``), which
+gives a small stand-in: an ``Offer(pid, address, nbytes)`` that the receiver
+pulls from the sender's memory (cma), or a view of a new shared segment
+(shm).  Shared arrays are views of their segments: the segment itself is the
+stand-in, so they cross as handles, never copied.  The *stand-ins* are
+pickled by :class:`_HandlePickler`, which writes segments as handles
+(``memory.py``) and attaches the memfds of those the receiver may not know.
+The receiver maps the segments, fetches the offers (one ``process_vm_readv``
+per sender for all of its pieces) and unpickles the body with the fetched
+buffers: one copy of each large array, straight out of the maker's memory.
 
-A pickle larger than 64 KiB (large bytes, lists, dataframes: anything that
-is not a numpy array) does not cross the socket either: it is written to a
-memfd of its own, sent as one more row of the segment table (token all
-zeros) with an empty body in the socket.  Every message in a socket is then
+A sender keeps what it offered by cma alive until the receiver says it has
+fetched it: each message's offers (and each :class:`Held` value's) get a
+*keep* number, and the receiver returns the numbers it is done with as
+*acks* on its next message (:meth:`Channel.flush` sends them alone).
+
+:func:`hold` is the lazy form, for the dask scheduler: a worker's task result
+is pickled at once, but its buffers stay with the worker, and the parent
+keeps the :class:`Held` (body and stand-ins: a few hundred bytes) in its
+cache.  Whoever needs the value fetches it then -- the parent only for what
+the caller gets (straight into a joined array's slots, :meth:`Held.into`),
+another worker for a task's input, the maker itself without a copy -- and
+the maker drops it when the parent acks it.
+
+A body larger than 64 KiB (large bytes, lists of many objects) does not
+cross the socket either: it is written to a memfd of its own, one more row
+of the segment table (token all zeros).  Every message in a socket is then
 small, so a sender never blocks waiting for the other side to read -- which
 could deadlock, since the parent and a worker may send to each other at once.
 
 Reading is incremental (:meth:`Channel.feed`), so the parent can multiplex
-many workers with ``selectors`` and read each socket as it becomes readable;
-workers use the blocking :meth:`Channel.recv`.  End of file raises
-``EOFError``: that is how the parent learns, at once, that a worker died.
+many workers with ``selectors``; workers use the blocking
+:meth:`Channel.recv`.  End of file raises ``EOFError``: that is how the
+parent learns, at once, that a worker died.
 """
 
 from __future__ import annotations
@@ -36,70 +54,172 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import io
+import itertools
 import mmap
 import os
 import pickle
 import socket
 import struct
+import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from . import memory
+from . import memory, transports
 
-_HEADER = struct.Struct("=QQ")  # body length, number of segments
+_HEADER = struct.Struct("=QQQQ")  # stand-ins length, body length, segments, acks
 _SEGMENT = struct.Struct("=24sQ")  # token, size
+_ACK = struct.Struct("=Q")
 _RECV_SIZE = 1 << 18
 _MAX_FDS_PER_READ = 253  # SCM_MAX_FD on Linux
 
-#: numpy arrays at least this large travel in shared memory, not in the pickle
+#: numpy arrays at least this large cross beside the message, not in it
 DEFAULT_THRESHOLD = 64 * 1024
 
 #: message bodies larger than this travel in a memfd of their own, not in the socket
 _INLINE_MAX = 64 * 1024
 _SPILLED = b"\0" * 24  # its token in the segment table (real tokens are hex digits)
 
-
 #: at most this many descriptors (and a quarter of the limit on open files) ride
 #: on one message; further segments in it travel by value, so a receiver never
 #: holds more than this many unmapped ones
 _MAX_FDS_PER_MESSAGE = 1024
 
-#: plain arrays smaller than this that travel in the same message are copied
-#: into one shared segment (a *pack*) rather than one segment each
-_PACK_ITEM_MAX = 1 << 20
-#: ... as long as the pack stays this small (then the next pack begins)
-_PACK_MAX = 4 << 20
-_PACK_ALIGN = 64
+#: keep number -> (the held value, what its stand-ins need alive), in the maker
+_KEPT: dict[int, tuple[Any, list]] = {}
+_numbers = itertools.count(1)
 
 
-class _Pickler(pickle.Pickler):
-    """A pickler that sends shared (and large) numpy arrays as handles.
+def _forget_kept() -> None:
+    _KEPT.clear()  # a forked child's copies are its own: nobody will ack them
 
-    A plain array of at least ``threshold`` bytes is copied into shared memory
-    first.  Arrays under 1 MiB in one message share a segment (a *pack*): a
-    batch of a thousand results costs one descriptor and one mapping, not a
-    thousand; the pack's memory returns when the last of them is dropped.
-    Pack offsets are given out while pickling and the pack is filled after.
+
+os.register_at_fork(after_in_child=_forget_kept)
+
+
+def drop_kept() -> None:
+    """Let go of everything this process kept for others (a worker about to exit)."""
+    _KEPT.clear()
+
+
+# -- pickling ------------------------------------------------------------------
+
+class _ValuePickler(pickle.Pickler):
+    """Pickles a value with its large buffers out of band, offered to ``outbox``.
+
+    * a shared array: its whole segment (a uint8 view) is the buffer, offered
+      as itself (it is its own stand-in), and the array rebuilds as a view;
+    * a plain array of at least ``threshold`` bytes: numpy's own protocol-5
+      buffer (after a contiguous copy, if it is not contiguous; as bytes,
+      if its dtype has no buffer format: datetime64, timedelta64);
+    * any other pickle buffer of at least ``threshold`` bytes (pandas,
+      xarray), as it comes.
+    """
+
+    def __init__(self, file: io.BytesIO, outbox: transports.Outbox, threshold: int | None):
+        # the callback must not refer to the pickler: a cycle would keep its memo,
+        # and every value in it (held results, for one), alive until a collection
+        segments: set[int] = set()
+        super().__init__(file, protocol=5, buffer_callback=functools.partial(
+            _buffer, outbox, threshold, segments))
+        self.outbox = outbox
+        self.threshold = threshold
+        #: token -> a segment pickled here (once: pickle's memo writes it once,
+        #: however many arrays view it)
+        self.wholes: dict[str, _Whole] = {}
+        #: ids of the segments' uint8 views (held by ``wholes``: no id is reused)
+        self.segments = segments
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, np.ndarray):
+            return NotImplemented
+        seg = memory._segment_of(obj)
+        if seg is not None:
+            if not obj.nbytes:
+                return NotImplemented if type(obj) is np.ndarray else (
+                    memory._rebuild, (memory._handle(obj, seg), None, type(obj)))
+            whole = self.wholes.get(seg.token)
+            if whole is None:
+                view = np.asarray(seg)
+                self.segments.add(id(view))
+                whole = self.wholes[seg.token] = _Whole(view)
+            offset = obj.__array_interface__["data"][0] - seg.address
+            cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
+            return _view_of, (whole, offset, obj.shape, obj.strides, obj.dtype, cls)
+        if (self.threshold is None or obj.nbytes < self.threshold or obj.dtype.hasobject
+                or type(obj) is not np.ndarray):
+            return NotImplemented
+        if obj.dtype.kind in "mM":  # no buffer format: as bytes, retyped on arrival
+            data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
+            return _retyped, (pickle.PickleBuffer(data), obj.dtype, obj.shape)  # type: ignore[arg-type]
+        if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            return np.ascontiguousarray(obj).__reduce_ex__(5)
+        return NotImplemented
+
+
+
+def _buffer(outbox: transports.Outbox, threshold: int | None, segments: set[int],
+            buf: pickle.PickleBuffer) -> bool:
+    """The buffer_callback of :class:`_ValuePickler`: False takes ``buf`` out of band
+    (a segment as itself, else offered), True keeps it in the pickle."""
+    view = buf.raw()
+    if id(view.obj) in segments:
+        outbox.items.append(view.obj)
+        return False
+    if threshold is None or view.nbytes < threshold:
+        return True
+    outbox.offer(buf)
+    return False
+
+
+class _Whole:
+    """A segment's bytes, as one object that pickle's memo writes once."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: np.ndarray):
+        self.view = view
+
+    def __reduce__(self) -> tuple:
+        view: Any = self.view  # numpy's stubs vary on the buffer protocol
+        return _same, (pickle.PickleBuffer(view),)
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _view_of(buf: Any, offset: int, shape: tuple, strides: tuple, dtype: np.dtype,
+             cls: type) -> np.ndarray:
+    """A shared array, rebuilt as a view of its segment (fetched: mapped here)."""
+    if getattr(memory._arrivals, "plain", False):
+        cls = np.ndarray
+    return np.ndarray.__new__(cls, shape, dtype, buffer=np.asarray(buf), offset=offset,
+                              strides=strides)
+
+
+def _retyped(buf: Any, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    return np.frombuffer(buf, np.uint8).view(dtype).reshape(shape)
+
+
+class _HandlePickler(pickle.Pickler):
+    """Pickles stand-ins: shared segments as handles, their memfds attached.
 
     A segment the receiver already knows (``inherited``: it existed when the
     receiver was forked) goes as a bare handle.  A segment whose descriptor
     was closed (see ``memory._trim_fds``), or one past the message's share of
-    descriptors, goes as a handle with its data beside it: the receiver maps
-    the token if it knows it, else copies the data into a segment of its own.
-    A plain array past that share travels in the pickle.
+    descriptors, goes with its data (in band): the receiver maps the token
+    if it knows it, else copies the data into a segment of its own.
     """
 
-    def __init__(self, file: io.BytesIO, threshold: int | None, inherited: int = 0):
+    def __init__(self, file: io.BytesIO, inherited: int = 0):
         super().__init__(file, protocol=5)
-        self.threshold = threshold
         self.inherited = inherited
-        self.segments: list[memory._Segment] = []
-        self.tokens: set[str] = set()
-        self.packs: list[tuple[str, int, list]] = []  # (token, size, [(handle, array)])
+        self.segments: dict[str, memory._Segment] = {}
         self.max_fds = max(1, min(_MAX_FDS_PER_MESSAGE, memory._fd_budget // 2))
 
     def reducer_override(self, obj: Any) -> Any:
@@ -107,102 +227,150 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         seg = memory._segment_of(obj)
         if seg is None:
-            if (self.threshold is None or obj.nbytes < self.threshold
-                    or obj.dtype.hasobject or type(obj) is not np.ndarray
-                    or len(self.tokens) + len(self.packs) >= self.max_fds):
-                return NotImplemented
-            if obj.nbytes < _PACK_ITEM_MAX:
-                return memory._rebuild, (self._pack(obj), None, np.ndarray)
-            obj = memory.copy(obj)  # keeps a Fortran-ordered array's order
-            seg = _segment(obj)
-            cls = np.ndarray
-        else:
-            cls = type(obj) if isinstance(obj, memory.SharedArray) else np.ndarray
-        # the receiver knows it: it forked after it was made, or (in a worker) it
-        # is the parent's memory lent to this worker for its results (memory.py)
-        if seg.serial <= self.inherited or seg.token in memory._lent_tokens:
-            return memory._rebuild, (memory._handle(obj, seg), None, cls)
-        if seg.token not in self.tokens:
-            if seg.fd < 0 or len(self.tokens) + len(self.packs) >= self.max_fds:
-                return memory._rebuild, (memory._handle(obj, seg), memory._pickle_data(obj), cls)
-            self.tokens.add(seg.token)
-            self.segments.append(seg)
-        return memory._rebuild, (memory._handle(obj, seg), None, cls)
-
-    def _pack(self, a: np.ndarray) -> tuple:
-        """Give ``a`` a place in the current pack; return its handle there."""
-        if not self.packs or self.packs[-1][1] + a.nbytes > _PACK_MAX:  # caller checked max_fds
-            self.packs.append((os.urandom(12).hex(), 0, []))
-        token, size, items = self.packs[-1]
-        order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-        handle = (token, size, a.shape, _strides(a.shape, a.itemsize, order), a.dtype)
-        items.append((handle, a))
-        self.packs[-1] = (token, -(-(size + a.nbytes) // _PACK_ALIGN) * _PACK_ALIGN, items)
-        return handle
-
-    def fill_packs(self) -> None:
-        """Make the packs handed out while pickling and copy their arrays in."""
-        for token, size, items in self.packs:
-            seg = memory._new_segment(size, token)
-            memory._populate(np.asarray(seg))
-            for handle, a in items:
-                np.copyto(memory._rebuild(handle, None, np.ndarray), a)
-            self.segments.append(seg)
-        self.packs = []
+            return NotImplemented
+        handle = memory._handle(obj, seg)
+        if seg.serial <= self.inherited or seg.token in self.segments:
+            return memory._rebuild, (handle, None, np.ndarray)
+        if seg.fd < 0 or len(self.segments) >= self.max_fds:
+            return memory._rebuild, (handle, bytes(memory._pickle_data(obj)), np.ndarray)
+        self.segments[seg.token] = seg
+        return memory._rebuild, (handle, None, np.ndarray)
 
 
-def _strides(shape: tuple, itemsize: int, order: str) -> tuple:
-    """The strides of a contiguous array of this shape in this order."""
-    strides = []
-    step = itemsize
-    for n in (reversed(shape) if order == "C" else shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides)) if order == "C" else tuple(strides)
-
-
-def _segment(shared: memory.SharedArray) -> memory._Segment:
-    seg = memory._segment_of(shared)
-    assert seg is not None  # memory.empty_like always makes one
-    return seg
-
-
-def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD,
-          inherited: int = 0) -> tuple[bytes, list]:
-    """Pickle ``obj`` for a channel; return the body and the segments it uses."""
+def _dumps_value(obj: Any, room: str, threshold: int | None) -> tuple[bytes, transports.Outbox]:
+    outbox = transports.Outbox(room)
     buf = io.BytesIO()
-    p = _Pickler(buf, threshold, inherited)
-    with _pinned():
-        p.dump(obj)
-        p.fill_packs()
-    if memory._in_worker:  # to the parent, which may keep them: never reused here
-        memory._given.update(s.token for s in p.segments)
-    return buf.getvalue(), p.segments
+    _ValuePickler(buf, outbox, threshold).dump(obj)
+    outbox.close()
+    return buf.getvalue(), outbox
 
 
-@contextlib.contextmanager
-def _pinned() -> Iterator[None]:
-    """Keep every segment's descriptor open meanwhile (see memory._trim_fds)."""
-    with memory._FDS_LOCK:
-        memory._pinned += 1
+def dumps(obj: Any, threshold: int | None = DEFAULT_THRESHOLD) -> bytes:
+    """Pickle ``obj`` as a message body would be (large buffers described, not
+    copied); raises what pickling raises.  For finding what cannot be sent."""
+    return _dumps_value(obj, "cma", threshold)[0]
+
+
+def _keep(obj: Any, outbox: transports.Outbox, reuse: bool = False) -> int:
+    """Keep what ``outbox``'s stand-ins need until the receiver acks the number
+    (``reuse``: and ``obj`` itself, for this process to use without a copy)."""
+    if not (outbox.keep or (reuse and outbox.items)):
+        return 0
+    number = next(_numbers)
+    _KEPT[number] = (obj, outbox.keep)
+    return number
+
+
+def _fetched(body: Any, items: list) -> Any:
     try:
-        yield
-    finally:
-        with memory._FDS_LOCK:
-            memory._pinned -= 1
+        buffers = transports.fetch(items)
+        return pickle.loads(body, buffers=buffers)
+    except (MemoryError, transports.cma.CmaError):
+        raise
+    except Exception as e:
+        # it pickled on the other side but does not rebuild here (a __reduce__
+        # or __setstate__ that fails, a class this process cannot import):
+        # raise one type that says so, whatever the reconstructor raised
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
 
+
+# -- held values ---------------------------------------------------------------
+
+class Held:
+    """A value whose large buffers stay with the process that made it until needed.
+
+    ``pid`` made it; ``keep`` is its number there (0: nothing kept);
+    ``body`` its pickle, ``items`` the stand-ins of its buffers; ``meta`` is
+    ``(shape, dtype, order)`` when the value is a plain numpy array whose
+    one buffer holds its data, so that :meth:`into` can put it in place.
+
+    >>> h = hold([1, 2])
+    >>> h.value()
+    [1, 2]
+    """
+
+    __slots__ = ("__weakref__", "_value", "body", "items", "keep", "meta", "nbytes", "pid")
+
+    def __init__(self, pid: int, keep: int, body: bytes, items: list, meta: tuple | None):
+        self.pid, self.keep, self.body, self.items, self.meta = pid, keep, body, items, meta
+        self.nbytes = len(body) + sum(getattr(i, "nbytes", 0) for i in items)
+        self._value: Any = _UNSET
+
+    def __reduce__(self) -> tuple:
+        return Held, (self.pid, self.keep, self.body, self.items, self.meta)
+
+    def __repr__(self) -> str:
+        return f"<Held {self.nbytes} bytes of process {self.pid}, keep {self.keep}>"
+
+    def value(self) -> Any:
+        """The value: the maker's own object in the maker, else fetched and unpickled once."""
+        if self._value is _UNSET:
+            kept = _KEPT.get(self.keep) if self.pid == os.getpid() else None
+            self._value = kept[0] if kept is not None else _fetched(self.body, self.items)
+        return self._value
+
+    def into(self, out: np.ndarray) -> bool:
+        """Put a plain array's data straight into ``out``, if it fits as is; whether it did."""
+        if self.meta is None or self._value is not _UNSET:
+            return False
+        shape, dtype, order = self.meta
+        if out.shape != shape or out.dtype != dtype:
+            return False
+        kept = _KEPT.get(self.keep) if self.pid == os.getpid() else None
+        if kept is not None:
+            out[...] = kept[0]
+        else:
+            transports.fetch_into(self.items[0], out if order == "C" else out.T)
+        return True
+
+
+_UNSET = object()
+
+
+def hold(obj: Any, room: str | None = None, threshold: int | None = DEFAULT_THRESHOLD) -> Held:
+    """Pickle ``obj`` now, keep its large buffers here: a :class:`Held` to send instead.
+
+    ``room``: the transport of the offers (default: this worker's, see
+    ``transports.room``).
+    """
+    body, outbox = _dumps_value(obj, room or transports.room(True), threshold)
+    meta = None
+    if (type(obj) is np.ndarray and len(outbox.items) == 1 and obj.nbytes >= (threshold or 0)
+            and memory._segment_of(obj) is None):
+        # the one buffer holds the data in C order, but for an F-contiguous array
+        # (numpy pickles it as it lies) of a dtype with a buffer format
+        fortran = (obj.flags.f_contiguous and not obj.flags.c_contiguous
+                   and obj.dtype.kind not in "mM")
+        meta = (obj.shape, obj.dtype, "F" if fortran else "C")
+    return Held(os.getpid(), _keep(obj, outbox, reuse=True), body, outbox.items, meta)
+
+
+def on_drop(held: Held, acks: list) -> None:
+    """When the last reference to ``held`` goes, put its keep number in ``acks``."""
+    if held.keep:
+        weakref.finalize(held, acks.append, held.keep)
+
+
+# -- the channel ---------------------------------------------------------------
 
 class Channel:
     """One end of a parent<->worker socket (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, threshold: int | None = DEFAULT_THRESHOLD):
+    def __init__(self, sock: socket.socket, threshold: int | None = DEFAULT_THRESHOLD,
+                 to_parent: bool = False):
         self.sock = sock
         self.threshold = threshold
+        self.to_parent = to_parent
         #: segments numbered up to this are known to the other end (it was
         #: forked after they were made): they cross without their descriptor
         self.inherited = 0
+        #: keep numbers of the other end that this end is done with (see flush)
+        self.acks: list[int] = []
+        #: what each message received carried: called with its keep number
+        self.received: Callable[[int], None] = self.acks.append
         self._buf = bytearray()
         self._fds: deque[int] = deque()
+        self._early: deque[Any] = deque()  # messages read by take_acks
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -216,17 +384,35 @@ class Channel:
     def send(self, obj: Any) -> None:
         """Pickle ``obj`` and send it (raises what pickling raises, sends nothing then)."""
         with _pinned():
-            body, segments = dumps(obj, self.threshold, self.inherited)
-            self.send_bytes(body, segments)
+            body, outbox = _dumps_value(obj, transports.room(self.to_parent), self.threshold)
+            number = _keep(obj, outbox)
+            try:
+                self._send(body, (number, outbox.items) if outbox.items else None)
+            except BaseException:
+                _KEPT.pop(number, None)
+                raise
         memory._trim_fds()  # what segments made while pinned left over the budget
 
-    def send_bytes(self, body: bytes, segments: list) -> None:
-        unique = list({s.token: s for s in segments}.values())
-        rows = [_SEGMENT.pack(s.token.encode(), len(s)) for s in unique]
-        fds = [s.fd for s in unique]
+    def flush(self) -> None:
+        """Send the pending acks now, in a message of their own, if there are any."""
+        if self.acks:
+            self._send(b"", None)
+
+    def _send(self, body: bytes, standins: tuple | None) -> None:
+        head = b""
+        segments: list[memory._Segment] = []
+        if standins is not None:
+            buf = io.BytesIO()
+            p = _HandlePickler(buf, self.inherited)
+            p.dump(standins)
+            head = buf.getvalue()
+            segments = list(p.segments.values())
+        rows = [_SEGMENT.pack(s.token.encode(), len(s)) for s in segments]
+        fds = [s.fd for s in segments]
         if min(fds, default=0) < 0:
-            raise ValueError("a segment's descriptor was closed between dumps() and send_bytes()")
-        memory._recently_used(s.token for s in unique)  # the last to be closed
+            raise ValueError("a segment's descriptor was closed while the message was made")
+        memory._recently_used(s.token for s in segments)  # the last to be closed
+        acks, self.acks[:] = self.acks[:], []
         spilled = None
         if len(body) > _INLINE_MAX:
             # a large body would block sendall until the other side reads it, and
@@ -238,14 +424,18 @@ class Channel:
             fds.append(spilled)
             body = b""
         try:
-            self._send_parts(_HEADER.pack(len(body), len(rows)), rows, fds, body)
+            self._send_parts(_HEADER.pack(len(head), len(body), len(rows), len(acks)), rows,
+                             fds, b"".join(_ACK.pack(a) for a in acks) + head + body)
+        except BaseException:
+            self.acks[:0] = acks
+            raise
         finally:
             if spilled is not None:
                 os.close(spilled)
 
-    def _send_parts(self, head: bytes, rows: list, fds: list, body: bytes) -> None:
+    def _send_parts(self, head: bytes, rows: list, fds: list, rest: bytes) -> None:
         if not fds:
-            self.sock.sendall(head + body)
+            self.sock.sendall(head + rest)
             return
         # the kernel takes at most SCM_MAX_FD descriptors per sendmsg: each group
         # of descriptors rides on its own rows of the segment table
@@ -255,13 +445,14 @@ class Channel:
             sent = self.sock.sendmsg([part], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, group)])
             if sent < len(part):
                 self.sock.sendall(part[sent:])
-        if body:  # a spilled message is complete: its reader may have left already
-            self.sock.sendall(body)
+        if rest:  # a spilled message is complete: its reader may have left already
+            self.sock.sendall(rest)
 
     # -- receiving ---------------------------------------------------------
-    def _read(self) -> None:
+    def _read(self, wait: bool = True) -> None:
         data, anc, flags, _addr = self.sock.recvmsg(
-            _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4), socket.MSG_CMSG_CLOEXEC)
+            _RECV_SIZE, socket.CMSG_SPACE(_MAX_FDS_PER_READ * 4),
+            socket.MSG_CMSG_CLOEXEC | (0 if wait else socket.MSG_DONTWAIT))
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -278,12 +469,16 @@ class Channel:
         self._buf += data
 
     def _pop(self) -> tuple[bool, Any]:
-        """Take one complete message off the buffer, if there is one."""
+        """Take one complete message off the buffer, if there is one.
+
+        A message that only carries acks is consumed here: (True, _NOTHING).
+        """
         if len(self._buf) < _HEADER.size:
             return False, None
-        size, nseg = _HEADER.unpack_from(self._buf)
+        nhead, size, nseg, nack = _HEADER.unpack_from(self._buf)
         start = _HEADER.size + nseg * _SEGMENT.size
-        if len(self._buf) < start + size:
+        end = start + nack * _ACK.size + nhead + size
+        if len(self._buf) < end:
             return False, None
         segments = []
         spilled = None
@@ -294,16 +489,29 @@ class Channel:
                 spilled = (fd, length)
             else:
                 segments.append(memory._adopt_segment(fd, length, token.decode()))
-        body: Any = bytes(self._buf[start:start + size])
-        del self._buf[:start + size]
-        if spilled is None:
-            return True, _loads(body)  # ``segments`` keeps the mappings alive until here
-        fd, length = spilled
+        for k in range(nack):
+            _KEPT.pop(_ACK.unpack_from(self._buf, start + k * _ACK.size)[0], None)
+        start += nack * _ACK.size
+        head = bytes(self._buf[start:start + nhead])
+        body: Any = bytes(self._buf[start + nhead:end])
+        del self._buf[:end]
         try:
-            with mmap.mmap(fd, length, prot=mmap.PROT_READ) as body:
-                return True, _loads(body)
+            if spilled is not None:
+                fd, length = spilled
+                with mmap.mmap(fd, length, prot=mmap.PROT_READ) as m:
+                    body = bytes(m)
+            elif not body:
+                return True, _NOTHING
+            if not head:
+                return True, _fetched(body, [])  # ``segments`` keeps the mappings alive
+            number, items = _fetched(head, [])
+            msg = _fetched(body, items)
+            if number:
+                self.received(number)
+            return True, msg
         finally:
-            os.close(fd)
+            if spilled is not None:
+                os.close(spilled[0])
 
     def feed(self) -> list:
         """Read what is available (one ``recv``) and return the complete messages."""
@@ -313,19 +521,54 @@ class Channel:
             ok, msg = self._pop()
             if not ok:
                 return out
-            out.append(msg)
+            if msg is not _NOTHING:
+                out.append(msg)
+
+    def take_acks(self) -> None:
+        """Drop what the other end is done with, if its acks have arrived, without
+        waiting (a worker between tasks: acks that wait for the next batch would
+        keep results alive for the whole batch); messages read meanwhile wait
+        for :meth:`recv`."""
+        try:
+            self._read(wait=False)
+        except BlockingIOError:
+            return
+        while True:
+            ok, msg = self._pop()
+            if not ok:
+                return
+            if msg is not _NOTHING:
+                self._early.append(msg)
 
     def recv(self) -> Any:
         """Block until one message has arrived and return it."""
+        if self._early:
+            return self._early.popleft()
         while True:
             ok, msg = self._pop()
-            if ok:
+            if ok and msg is not _NOTHING:
                 return msg
-            self._read()
+            if not ok:
+                self._read()
+
+
+_NOTHING = object()
+
+
+@contextlib.contextmanager
+def _pinned() -> Iterator[None]:
+    """Keep every segment's descriptor open meanwhile (see memory._trim_fds)."""
+    with memory._FDS_LOCK:
+        memory._pinned += 1
+    try:
+        yield
+    finally:
+        with memory._FDS_LOCK:
+            memory._pinned -= 1
 
 
 def _spill(body: bytes) -> int:
-    """A memfd holding ``body``, for :meth:`Channel.send_bytes`."""
+    """A memfd holding ``body``, for :meth:`Channel._send`."""
     fd = os.memfd_create("dask_sharedmem-message", os.MFD_CLOEXEC)
     try:
         view = memoryview(body)
@@ -337,18 +580,6 @@ def _spill(body: bytes) -> int:
     return fd
 
 
-def _loads(body: Any) -> Any:
-    try:
-        return pickle.loads(body)
-    except MemoryError:
-        raise
-    except Exception as e:
-        # it pickled on the other side but does not rebuild here (a __reduce__
-        # or __setstate__ that fails, a class this process cannot import):
-        # raise one type that says so, whatever the reconstructor raised
-        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
-
-
 def pair(threshold: int | None = DEFAULT_THRESHOLD) -> tuple[Channel, Channel]:
     """Two connected channels (parent end, worker end).
 
@@ -358,4 +589,4 @@ def pair(threshold: int | None = DEFAULT_THRESHOLD) -> tuple[Channel, Channel]:
     >>> a.close(); b.close()
     """
     s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return Channel(s1, threshold), Channel(s2, threshold)
+    return Channel(s1, threshold), Channel(s2, threshold, to_parent=True)

@@ -270,12 +270,36 @@ def take_writes() -> list:
 
 
 def apply(targets: list, writes: list) -> None:
-    """Write what workers computed into the parent's targets, each under its lock."""
+    """Write what workers computed into the parent's targets, each under its lock.
+
+    A chunk that its worker holds (``channel.Held``) is pulled straight into
+    a numpy target's region, where that region is a view (basic indexing).
+    """
     from dask.array.core import load_store_chunk
+
+    from .channel import Held
 
     for ident, index, x in writes:
         out, lock = targets[ident]
+        if isinstance(x, Held):
+            if isinstance(out, np.ndarray) and _basic(index):
+                if lock:
+                    lock.acquire()
+                try:
+                    if x.into(out[index]):
+                        continue
+                finally:
+                    if lock:
+                        lock.release()
+            x = x.value()
         load_store_chunk(x, out, index, None, lock, False, False)
+
+
+def _basic(index: Any) -> bool:
+    """Whether ``out[index]`` is a view of ``out``: slices, integers, Ellipsis, None."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (slice, int, np.integer))
+               for p in parts)
 
 
 def resolve(targets: list, result: Any) -> Any:

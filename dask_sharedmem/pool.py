@@ -48,10 +48,7 @@ the oldest while more than ``_MAX_FINISHED`` are pending, so a zombie lasts
 until the next session at most, or until the bound.  A pid that the caller's
 own ``os.wait()`` took first (ChildProcessError) counts as reaped.  Nothing
 is lost by not looking at their status: the session's results had all
-arrived, so a worker that dies now (even by a signal) is no error.  Each
-worker is reported once when forked (``memory._forked_child``) and once when
-known to be reaped (``memory._reaped_child``), whichever path reaps it:
-memory.py reuses shared memory only when no worker can still see it.  No
+arrived, so a worker that dies now (even by a signal) is no error.  No
 orphan can outlive the caller either way: workers die with it
 (``PR_SET_PDEATHSIG``), zombies go to init.
 
@@ -105,7 +102,7 @@ from typing import Any, cast
 
 from dask.multiprocessing import default_initializer
 
-from . import channel, memory
+from . import channel, memory, transports
 
 __all__ = ["WorkerDied", "cpu_count", "total_memory"]
 
@@ -582,11 +579,8 @@ def _collect(pid: int, block: bool) -> bool:
     if done:
         try:
             _finished.remove(pid)
-        except ValueError:  # collected at the same time elsewhere, and reported there
+        except ValueError:  # collected at the same time elsewhere
             return True
-        # after the claim: a Ctrl-C in between leaves memory.py believing it alive,
-        # so it waits to reuse what the worker saw rather than reusing it too early
-        memory._reaped_child(pid)
     return done
 
 
@@ -678,7 +672,6 @@ class Workers:
         self.pids: list[int] = []
         self.channels: list[channel.Channel] = []
         self.fork_seconds = 0.0
-        self._lent: list[list] = []
         self._selector: Any = None  # a selectors.DefaultSelector while started
         self._alive: set[int] = set()
         self._parent = 0
@@ -703,21 +696,14 @@ class Workers:
             self.kill()
 
     def start(self) -> None:
-        # freed shared memory that finished workers may still map is reused (and
-        # lent to the new workers) only once they are reaped: worth their exit
-        _reap_finished(block=bool(memory._pending))
+        _reap_finished()
         self._parent = os.getpid()
+        # how the workers' large results cross (inherited by them: see transports)
+        transports._active = transports.choose()
         # every shared result that arrives holds descriptors; a refusal to take
         # one in recvmsg cannot be recovered, so lift the soft limit up front
         memory._raise_fd_limit()
         self._selector = selectors.DefaultSelector()
-        # each rank's share of the freed shared memory kept for reuse: its results
-        # land in pages that exist (memory.py); held here until the workers are
-        # gone.  Dealt out now for all n ranks, as if all were forked at once: a
-        # rank forked later by grow() gets its own share, which no other process
-        # was lent, and one never forked leaves its share unused (back in the
-        # cache once the session's workers are reaped, see memory._release)
-        self._lent = memory._lend(self.n)
         self._fork(self.initial)
 
     def grow(self) -> int:
@@ -752,20 +738,16 @@ class Workers:
         # child that kill() does not know about
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            memory._ours.forking = True  # a worker we reap: see memory._before_fork
             try:
                 pid = _fork()
             except BaseException:
                 mine.close()
                 theirs.close()
                 raise
-            finally:
-                memory._ours.forking = False
             if pid == 0:  # pragma: no cover - runs in the child
                 mine.sock.close()
-                self._child(_WorkerChannel(theirs.sock, self.threshold), rank, self._parent,
-                            mask)
-            memory._forked_child(pid)
+                self._child(_WorkerChannel(theirs.sock, self.threshold, to_parent=True), rank,
+                            self._parent, mask)
             theirs.close()
             mine.inherited = memory._serial  # the child knows every segment we have
             self.pids.append(pid)
@@ -792,14 +774,18 @@ class Workers:
             warnings.showwarning = _record_warning
             _CAUGHT.clear()
             memory._in_worker = True
-            memory._LENT[:] = self._lent[rank]
-            memory._lent_tokens.update(seg.token for seg in self._lent[rank])
+            if transports._active == "cma":
+                transports.cma.allow_family(parent)
             global _to_parent
             _to_parent = chan.sock
             for sibling in self.channels:  # every rank forked before this one
                 sibling.sock.close()
             self.main(chan, rank)
             code = 0
+            # what it sent may still be read out of its memory (cma): it stays
+            # until the parent says it has all of it, or ends the session
+            while channel._KEPT:
+                chan.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             code = 0  # the parent closed our socket: the session is over
         except BaseException:
@@ -811,6 +797,7 @@ class Workers:
                 except BaseException:
                     pass
             try:
+                channel.drop_kept()  # its results' memory returns before the parent goes on
                 _close_descriptors(chan.fileno())
             finally:
                 os._exit(code)
@@ -833,8 +820,12 @@ class Workers:
 
         The list is empty if all that came were warnings: they are re-issued here.
 
-        Raises :class:`WorkerDied` as soon as a worker's socket reads EOF.
+        Raises :class:`WorkerDied` as soon as a worker's socket reads EOF, or
+        when what it offered can no longer be fetched from it.
         """
+        for rank in self._alive:  # what the last messages let workers drop
+            if self.channels[rank].acks:
+                self.send_acks(rank)
         out: list[tuple[int, Any]] = []
         for key, _ in self._selector.select(timeout):
             rank = key.data
@@ -842,6 +833,8 @@ class Workers:
                 msgs = self.channels[rank].feed()
             except (EOFError, ConnectionResetError):
                 self._reap(rank)
+            except transports.cma.MakerGone:
+                self._reap(rank, kill=True)
             except pickle.UnpicklingError as e:
                 raise UnreadableResult(rank, self.pids[rank], str(e)) from e.__cause__
             for m in msgs:
@@ -851,16 +844,47 @@ class Workers:
                     out.append((rank, m))
         return out
 
-    def _reap(self, rank: int) -> None:
+    def send_acks(self, rank: int) -> None:
+        """Tell worker ``rank`` now which of its kept values it may drop."""
         try:
-            how = describe_status(os.waitpid(self.pids[rank], 0)[1])
+            self.channels[rank].flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died: poll() says so
+
+    def died(self, pid: int) -> WorkerDied:
+        """The error for the worker ``pid``, whose memory was gone when a value of
+        it was fetched (it is reaped, and killed first if it is still there)."""
+        rank = self.pids.index(pid)
+        try:
+            self._reap(rank, kill=True)
+        except WorkerDied as e:
+            return e
+        raise AssertionError("_reap returns only by raising")
+
+    def _reap(self, rank: int, kill: bool = False) -> None:
+        """Reap worker ``rank`` and raise the WorkerDied that says how it ended.
+
+        ``kill``: its memory was found gone while it may still be exiting (or,
+        never by design, running): SIGKILLed first unless it has exited.
+        """
+        pid = self.pids[rank]
+        status: int | None = None
+        try:
+            if rank in self._alive and kill:
+                got, status = os.waitpid(pid, os.WNOHANG)
+                if not got:
+                    status = None
+                    os.kill(pid, signal.SIGKILL)
+            if status is None:
+                status = os.waitpid(pid, 0)[1]
+            how = describe_status(status)
         except ChildProcessError:
             how = ("ended (its exit status is lost: SIGCHLD is ignored, or another "
                    "wait() in this process took it)")
-        self._alive.discard(rank)
-        memory._reaped_child(self.pids[rank])
-        self._selector.unregister(self.channels[rank].sock)
-        raise WorkerDied(rank, self.pids[rank], how)
+        if rank in self._alive:
+            self._alive.discard(rank)
+            self._selector.unregister(self.channels[rank].sock)
+        raise WorkerDied(rank, pid, how)
 
     def close(self) -> None:
         """End the session: workers read EOF and exit 0, reaped by a later session.

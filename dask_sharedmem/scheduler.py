@@ -64,22 +64,26 @@ running.
 from __future__ import annotations
 
 import numbers
+import os
+import pickle
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import dask
 import numpy as np
-from dask._task_spec import Task, convert_legacy_graph
+from dask._task_spec import GraphNode, Task, convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
 from dask.utils import key_split
 
-from . import channel, forksafe, memory
+from . import channel, forksafe, memory, transports
 from .pool import (
     UnreadableResult,
     WorkerDied,
@@ -104,7 +108,8 @@ _BY_PREFIX: dict[str, float] = {}
 _DURATIONS_MAX = 10_000
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
-                                           "threshold": channel.DEFAULT_THRESHOLD}})
+                                           "threshold": channel.DEFAULT_THRESHOLD,
+                                           "transport": "auto"}})
 
 
 def _name(key: Any) -> Any:
@@ -434,7 +439,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     dependencies = state["dependencies"]
 
     def worker_main(chan: channel.Channel, rank: int) -> None:
-        sending = 0.0  # the last send's time: copying results to shared memory is work too
+        sending = 0.0  # the last send's time: pickling results is work too
         while True:
             batch = chan.recv()
             t0 = time.perf_counter()
@@ -442,6 +447,16 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             res = None
             for number, key, data, chained, keep in batch:
                 current[rank] = number
+                if channel._KEPT:
+                    chan.take_acks()
+                try:
+                    _values(data)
+                except transports.cma.MakerGone as e:
+                    chan.send(("lost", key, e.pid))
+                    return
+                except Exception as e:
+                    chan.send(("error", key, pack_exception(e)))
+                    return
                 if chained is not None:  # the previous task's result is this one's input
                     data[chained] = res
                 if forked:
@@ -454,7 +469,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     return
                 out.append((key, res if keep else None, time.perf_counter() - began))
             t1 = time.perf_counter()
-            _send_results(chan, out, t1 - t0 + sending, forksafe.take_writes())
+            _send_results(chan, out, t1 - t0 + sending, forksafe.take_writes(), threshold)
             sending = time.perf_counter() - t1
             del batch, out, data, res
 
@@ -510,11 +525,29 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             inflight[rank].append(numbers)
             w.send(rank, batch)
 
+    def fetch(held: channel.Held, key: Any, rank: int) -> Any:
+        """The value of a held result, as the caller would get it from threads."""
+        try:
+            with memory.plain_arrivals():
+                return held.value()
+        except transports.cma.MakerGone as e:
+            raise w.died(e.pid) from None
+        except pickle.UnpicklingError as e:
+            raise UnreadableResult(rank, w.pids[rank], str(e)).about(
+                f"result of task {key!r}") from e.__cause__
+
     def run_here(key: Any) -> None:
         """Run ``key`` in this process: its inputs are here, and so is the caller."""
         data = {d: cache[d] for d in state["dependencies"][key]}
         began = time.perf_counter()
-        res = runnable[key](data)
+        try:
+            with memory.plain_arrivals():
+                res = _join(runnable[key], data)
+        except transports.cma.MakerGone as e:
+            raise w.died(e.pid) from None
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"a result that task {key!r} joins could not be "
+                                         f"unpickled in the parent: {e}") from e.__cause__
         timings.setdefault(_name(key), []).append(time.perf_counter() - began)
         finish(key, res, nworkers)
 
@@ -526,11 +559,18 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
             else:
                 ready.remove(key)
             start(key)
+        if isinstance(res, channel.Held) and rank < nworkers:
+            channel.on_drop(res, w.channels[rank].acks)
+            # what the caller gets is fetched as it arrives, while other tasks run;
+            # so are the values that callbacks look at (dask.cache.Cache keeps them)
+            if key in wanted or values_seen:
+                res = fetch(res, key, rank)
         cache[key] = forksafe.resolve(targets, res)
         finish_task(dsk, key, state, wanted, keyorder.get)
         for f in posttask_cbs:
             f(key, res, dsk, state, rank)
 
+    values_seen = _values_seen(posttask_cbs)
     with Workers(nworkers, worker_main, threshold) as w:
         for f in start_cbs:
             f(dsk)
@@ -544,8 +584,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 dispatch(rank)
         while waiting or ready or running:
             try:
-                with memory.plain_arrivals():  # results reach the caller as threads give them
-                    events = w.poll()
+                events = w.poll()
             except WorkerDied as e:
                 number = int(current[e.rank])
                 if number in numbered:
@@ -564,9 +603,16 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                     if lost:
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
+                if msg[0] == "lost":  # an input's maker died before it could be read
+                    died = w.died(msg[2])
+                    died.args = (f"{died}, whose result task {msg[1]!r} needed",)
+                    raise died
                 _, out, seconds, writes = msg
                 if writes:
-                    forksafe.apply(targets, writes)
+                    try:
+                        forksafe.apply(targets, writes)
+                    except transports.cma.MakerGone as e:
+                        raise w.died(e.pid) from None
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
@@ -582,22 +628,127 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                         dispatch(other)
 
 
-def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list) -> None:
-    """Send a batch's results (and its stores' writes, see forksafe.py); name the
-    task whose result cannot be pickled."""
-    try:
-        chan.send(("done", out, seconds, writes))
-    except Exception:
-        for key, res, _ in out:
-            try:
-                channel.dumps(res)
-            except Exception as e:
-                err = TypeError(f"the result of task {key!r} (of type "
-                                f"{type(res).__module__}.{type(res).__qualname__}) cannot "
-                                f"be pickled to send it to the parent: {e}")
-                chan.send(("error", key, pack_exception(err)))
-                return
-        raise
+def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list,
+                  threshold: int | None) -> None:
+    """Send a batch's results (and its stores' writes, see forksafe.py), each held
+    here until someone needs it (channel.hold); name the task whose result cannot
+    be pickled."""
+    held = []
+    for key, res, took in out:
+        try:
+            held.append((key, None if res is None else channel.hold(res, threshold=threshold),
+                         took))
+        except Exception as e:
+            err = TypeError(f"the result of task {key!r} (of type "
+                            f"{type(res).__module__}.{type(res).__qualname__}) cannot "
+                            f"be pickled to send it to the parent: {e}")
+            chan.send(("error", key, pack_exception(err)))
+            return
+    writes = [(ident, index, channel.hold(x, threshold=threshold))
+              for ident, index, x in writes]
+    chan.send(("done", held, seconds, writes))
+
+
+def _values(data: dict) -> None:
+    """In a worker: the inputs of a task, each held value replaced by the value."""
+    for key, value in data.items():
+        if isinstance(value, channel.Held):
+            data[key] = value.value()
+
+
+#: posttask callbacks of dask's diagnostics that never look at a task's value:
+#: with only these, a held result is not fetched into the caller for them
+_VALUE_BLIND = {"dask.diagnostics.progress.ProgressBar", "dask.diagnostics.profile.Profiler",
+                "dask.diagnostics.profile.ResourceProfiler"}
+
+
+def _values_seen(posttask_cbs: list) -> bool:
+    """Whether a posttask callback may look at the values (dask.cache.Cache does)."""
+    for f in posttask_cbs:
+        owner = getattr(f, "__self__", None)
+        if owner is None or f"{type(owner).__module__}.{type(owner).__name__}" not in _VALUE_BLIND:
+            return True
+    return False
+
+
+def _join(task: Any, data: dict) -> Any:
+    """Run a join task (dask.array's ``finalize``) here; chunks that workers hold
+    are pulled straight into their slots of the joined array."""
+    arg = task.args[0] if len(task.args) == 1 and not task.kwargs else None
+    if isinstance(arg, GraphNode):
+        joined = _in_place(arg(data))
+        if joined is not None:
+            return joined
+    return task({k: v.value() if isinstance(v, channel.Held) else v for k, v in data.items()})
+
+
+def _in_place(arrays: Any) -> np.ndarray | None:
+    """``dask.array.core.concatenate3`` of chunks, each fetched into its slot; or
+    None where that function must run itself (chunks that are not plain numpy
+    arrays, of other dimensions than the nesting, or a single chunk)."""
+    from dask.array.core import chunks_from_arrays, slices_from_chunks
+
+    leaves = list(flatten(arrays, container=list))
+    if len(leaves) == 1 and isinstance(leaves[0], channel.Held) and leaves[0].meta:
+        return leaves[0].value()  # fetched into new memory: finalize's copy, made once
+    ndim, inner = 0, arrays
+    while isinstance(inner, list) and inner:
+        ndim, inner = ndim + 1, inner[0]
+    metas = []
+    for x in leaves:
+        meta = x.meta if isinstance(x, channel.Held) else (
+            (x.shape, x.dtype, None) if type(x) is np.ndarray else None)
+        if meta is None or len(meta[0]) != ndim:
+            return None
+        metas.append(meta)
+    if len(leaves) < 2:
+        return None
+    shapes = _nested([SimpleNamespace(shape=m[0]) for m in metas], arrays)
+    chunks = chunks_from_arrays(shapes)
+    out = np.empty(tuple(map(sum, chunks)), dtype=metas[0][1])
+    pulls = []
+    for idx, leaf in zip(slices_from_chunks(chunks), leaves, strict=True):
+        if isinstance(leaf, channel.Held):
+            pulls.append((leaf, out[idx]))
+        else:
+            out[idx] = leaf
+    _pull_all(pulls)
+    return out
+
+
+def _nested(flat: list, like: Any) -> Any:
+    """``flat`` arranged in the nesting of lists ``like``."""
+    items = iter(flat)
+
+    def build(node: Any) -> Any:
+        return [build(n) for n in node] if isinstance(node, list) else next(items)
+
+    return build(like)
+
+
+def _pull_all(pulls: list) -> None:
+    """Put each held array in its slot, by as many threads as CPUs (up to 4): each
+    pull releases the GIL, and a join is the only work left at the end."""
+    parts = min(len(pulls), len(os.sched_getaffinity(0)), 4)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            for held, slot in pulls[k::parts]:
+                if not held.into(slot):
+                    slot[...] = held.value()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, parts)]
+    for t in threads:
+        t.start()
+    if parts:
+        run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _register() -> None:

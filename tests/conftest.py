@@ -5,11 +5,11 @@
 * its child processes (running or zombie): every worker must be reaped.
   Workers of sessions that closed normally are reaped lazily (by the next
   session, see pool.py), so both snapshots first wait for those: what is
-  left is a leak.  Every reaped worker must have been reported to memory.py
-  (which keeps the unreaped ones in ``_unreaped``);
+  left is a leak;
 * its open file descriptors: sockets, memfds, epoll objects must be closed;
 * its live shared-memory segments (``memory._SEGMENTS``, after a garbage
-  collection): shared memory must be freed once nothing refers to it.
+  collection): shared memory must be freed once nothing refers to it;
+* what it keeps for other processes to fetch (``channel._KEPT``).
 
 Use it with ``pytestmark = pytest.mark.usefixtures("no_leaks")``.  A test
 that already failed (or xfailed) is not checked: pytest keeps its traceback,
@@ -27,7 +27,7 @@ import threading
 
 import pytest
 
-from dask_sharedmem import memory, pool
+from dask_sharedmem import channel, memory, pool
 
 # A shell without job control starts background commands (``.ci/run &``) with
 # SIGINT ignored, which every process it starts inherits: Python then has no
@@ -171,16 +171,11 @@ def live_segments() -> int:
 
 
 def snapshot() -> dict:
-    # workers that closed normally exit on their own and are reaped lazily: wait
-    # for them (before the trim below: what they could see is freed once they are gone)
+    # workers that closed normally exit on their own and are reaped lazily: wait for them
     pool._reap_finished(block=True)
-    segments = live_segments()  # (collects garbage: what it frees goes to the cache)
-    # memory kept for reuse is bounded (sharedmem.cache) and not a leak: it holds
-    # descriptors, so it is returned before they are counted (test_memory tests the
-    # cache itself)
-    memory.trim()
+    segments = live_segments()
     return {"children": children(), "fds": open_fds(), "segments": segments,
-            "workers": set(memory._unreaped)}
+            "kept": len(channel._KEPT)}
 
 
 def leaks(before: dict, after: dict) -> list[str]:
@@ -189,9 +184,9 @@ def leaks(before: dict, after: dict) -> list[str]:
     new_children = {p: s for p, s in after["children"].items() if p not in before["children"]}
     if new_children:
         problems.append(f"child processes left behind (pid: state): {new_children}")
-    if after["workers"] - before["workers"]:
-        problems.append(f"workers reaped but not reported to memory._reaped_child: "
-                        f"{sorted(after['workers'] - before['workers'])}")
+    if after["kept"] > before["kept"]:
+        problems.append(f"values kept for other processes grew from {before['kept']} to "
+                        f"{after['kept']}")
     new_fds = {fd: t for fd, t in after["fds"].items() if before["fds"].get(fd) != t}
     if len(after["fds"]) > len(before["fds"]):
         problems.append(f"open file descriptors grew from {len(before['fds'])} to "

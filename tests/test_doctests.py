@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["memory", "channel", "pool", "mapreduce", "scheduler"]
+MODULES = ["memory", "transports", "transports.cma", "transports.shm", "channel", "pool",
+           "forksafe", "mapreduce", "scheduler"]
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 

@@ -15,7 +15,6 @@ import sys
 import traceback
 import warnings
 
-import dask
 import numpy as np
 import pytest
 
@@ -26,14 +25,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MB = 2**20
 STRUCT = np.dtype([("id", "i4"), ("pos", "f8", (3,)), ("name", "U5")])
-
-
-@pytest.fixture
-def no_cache():
-    """Freed memory goes back to the system at once (sharedmem.cache = 0)."""
-    memory.trim()
-    with dask.config.set({"sharedmem.cache": 0}):
-        yield
 
 
 def fork(fn):
@@ -547,7 +538,6 @@ def test_order_fromiter_and_fortran_copy():
     assert sm.fromiter((x / 2 for x in range(4)), "f4").tolist() == [0, 0.5, 1, 1.5]
 
 
-@pytest.mark.usefixtures("no_cache")
 def test_view_keeps_memory_alive():
     """A view keeps the segment mapped after the original is gone; the last one frees it."""
     gc.collect()
@@ -565,7 +555,6 @@ def test_view_keeps_memory_alive():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.usefixtures("no_cache")
 def test_memory_returned_to_os():
     """1 GiB allocated, partly touched and dropped 50 times: RSS and open fds stay flat.
 
@@ -588,88 +577,6 @@ def test_memory_returned_to_os():
           f"{rss1 / MB:.1f} MB ({(rss1 - rss0) / MB:+.1f} MB); open fds {fds0} -> {fds1}")
     assert peak - rss0 > 60 * MB  # the pages really were touched, so the check can fail
     assert fds1 == fds0
-
-
-def test_large_concatenations_of_shared_arrays_stay_shared():
-    """np.concatenate of shared pieces (dask's finalize in a worker) gives shared memory."""
-    a, b = sm.full((600, 300), 1.0), sm.full((400, 300), 2.0)  # 2.4 MB together
-    joined = np.concatenate([a, b])
-    assert type(joined) is SharedArray and memory._segment_of(joined) is not None
-    np.testing.assert_array_equal(joined, np.concatenate([np.asarray(a), np.asarray(b)]))
-    assert in_child(lambda: joined.__setitem__((0, 0), 7.0)) == 0 and joined[0, 0] == 7.0
-    assert type(np.concatenate([a[:2], b[:2]])) is np.ndarray  # small: numpy's own
-    assert np.concatenate([a, b], axis=None).shape == (300_000,)
-    with pytest.raises(ValueError):
-        np.concatenate([a, sm.ones((3, 3))])
-
-
-def concatenation_inputs(make):
-    """Inputs whose joins are 2 MiB and more, made by ``make`` (numpy.array or sm.copy)."""
-    a = np.arange(256 * 512.0).reshape(256, 512)
-    arrays = {"a": a, "b": -a, "c": np.ones((100, 7)), "i": np.arange(256 * 512).reshape(256, 512),
-              "u": np.full((2, 512), "x"), "z": np.array(1.5), "o": np.zeros((512, 512))}
-    return {name: make(x) for name, x in arrays.items()}
-
-
-# Arguments to np.concatenate: numpy's results and numpy's errors
-CONCATENATIONS = [
-    "[a, b]", "[a, b], 1", "(a, b), -2", "[a, b, a], axis=np.int64(-1)", "[a, i]",
-    "[a, b], axis=2", "[a, b], axis=-3", "[a, b], 1.0", "[a, b], True", "[a, b], '0'",
-    "[a, b], None", "[a, b], axis=None, dtype='f4'", "[a, z], None",
-    "[a, b], 0, o", "[a, b], out=o", "[a, b], 0, o[:-1]", "[a, b], 0, o, dtype='f8'",
-    "[a, b], out=o, dtype='f4'", "[a, i], 0, o, casting='no'", "[a, b], 0, None, dtype='f4'",
-    "[a, b], dtype='f4'", "[a, b], dtype='i8'", "[a, b], dtype='i8', casting='unsafe'",
-    "[a, i], casting='no'", "[a, b], casting='no'", "[a, b], casting='bogus'",
-    "[a, b], casting=None", "[a, b], dtype='foo'", "[a, b], dtype=object", "[a, u]",
-    "[a, c]", "[a, c], 1", "[a, a[0]]", "[a, z]", "[z, a]", "[a, [[1.0] * 512] * 3]",
-]
-#: ... of which these succeed in private memory, as numpy's own: all others are shared
-PRIVATE = {"[a, b], None", "[a, b], axis=None, dtype='f4'", "[a, z], None", "[a, b], dtype=object"}
-
-
-@pytest.mark.parametrize("call", CONCATENATIONS)
-def test_concatenate_of_large_shared_arrays_is_numpys(call):
-    """np.concatenate of large shared arrays gives numpy's result or numpy's exception.
-
-    Only the allocation differs: numpy validates axis, out, dtype, casting and
-    shapes, with its own exception types and messages.
-    """
-    results = []
-    for make in (np.array, sm.copy):
-        names = concatenation_inputs(make)
-        try:
-            results.append((evaluate(f"np.concatenate({call})", **names), names["o"]))
-        except Exception as e:
-            results.append((e, names["o"]))
-    (want, want_out), (got, got_out) = results
-    if isinstance(want, Exception):
-        assert (type(got), str(got)) == (type(want), str(want))
-        return
-    assert (got is got_out) == (want is want_out)
-    assert (got.shape, got.dtype) == (want.shape, want.dtype)
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got_out, want_out)
-    assert (memory._segment_of(got) is not None) == (call not in PRIVATE)
-    assert type(got) is (np.ndarray if call in PRIVATE else SharedArray)
-
-
-@pytest.mark.parametrize("axis", [0, 1, -1])
-def test_a_large_concatenation_is_copied_by_several_threads_and_is_exact(monkeypatch, axis):
-    monkeypatch.setattr(memory, "_PARALLEL_MIN", 1 << 20)  # 8 inputs of ~0.3 MB: several threads
-    parts = [sm.full((300 + k, 200) if axis == 0 else (300, 200 + k), float(k), "f4")
-             for k in range(8)]
-    calls = []
-    parallel = memory._parallel_concatenate
-    monkeypatch.setattr(memory, "_parallel_concatenate",
-                        lambda *args: calls.append(args[-1]) or parallel(*args))
-    out = np.concatenate(parts, axis=axis)
-    assert calls and calls[0] >= 2  # the threaded copy ran, in parts
-    expected = np.concatenate([np.asarray(p) for p in parts], axis=axis)
-    assert isinstance(out, SharedArray) and memory._segment_of(out) is not None
-    np.testing.assert_array_equal(out, expected)
-    assert np.concatenate(parts, axis=axis, dtype="f8").dtype == np.float64
-    with pytest.raises(ValueError, match="must match exactly"):  # numpy's error, not a thread's
-        np.concatenate([parts[0], sm.zeros((7, 7), "f4")], axis=axis)
 
 
 def test_populating_new_memory_is_skipped_where_the_kernel_refuses_it(monkeypatch):
@@ -702,52 +609,40 @@ def test_populating_maps_every_page_of_a_new_segment_without_writing():
     assert not a.any()  # still zeros
 
 
-# -- reuse of freed shared memory (memory.py's cache) ---------------------------------
+# -- memory handed out is never someone else's --------------------------------------
+#
+# Freed shared memory returns to the system; new arrays get new memory.  (A cache
+# of freed memory once handed it out again: each test below failed with it.)
 
-BIG = 4 * MB // 8  # float64 items in 4 MiB: over memory._CACHE_MIN
-
-
-@pytest.fixture
-def cache():
-    """An empty cache of 64 MiB, emptied again afterwards."""
-    memory.trim()
-    with dask.config.set({"sharedmem.cache": 64 * MB}):
-        yield
-    memory.trim()
+BIG = 4 * MB // 8  # float64 items in 4 MiB
 
 
-def test_freed_memory_is_reused_and_zeros_are_zero(cache):
-    a = sm.full(BIG, 5.0)
-    address = a.__array_interface__["data"][0]
-    del a
-    assert memory._cached_bytes >= BIG * 8
-    z = sm.zeros(BIG)
-    assert z.__array_interface__["data"][0] == address  # the same memory, reused
+def test_zeros_like_is_zero_after_a_freed_array_of_that_size():
+    prev = sm.full(1 << 18, 7.0)
+    del prev
+    z = sm.zeros_like(np.empty(1 << 18))
     assert not z.any()
-    e = sm.empty(BIG)  # a new segment: nothing left to reuse
-    assert e.__array_interface__["data"][0] != address
+    assert not sm.zeros(1 << 18).any()
 
 
-def test_cache_disabled_returns_memory_at_once():
-    memory.trim()
-    with dask.config.set({"sharedmem.cache": 0}):
-        a = sm.full(BIG, 5.0)
-        del a
-        assert memory._cached_bytes == 0
+def test_empty_is_zero_filled_as_sharedmem_promised():
+    """sharedmem 0.3.8's users accumulate into empty(): it was, and is, zero-filled."""
+    old = sm.full(1 << 18, 7.0)
+    del old
+    hist = sm.empty(1 << 18)
+    with sm.MapReduce(np=2) as pool:
+        def work(i):
+            hist[i::2] += 1
+
+        pool.map(work, range(2))
+    assert (hist == 1.0).all()
 
 
-def test_cache_is_bounded(cache):
-    arrays = [sm.full(BIG, float(i)) for i in range(40)]  # 160 MiB
-    del arrays
-    assert 0 < memory._cached_bytes <= 64 * MB
-    assert memory.trim() > 0 and memory._cached_bytes == 0
-
-
-def test_a_pickled_handle_never_sees_reused_memory(cache):
+def test_a_pickled_handle_never_sees_new_memory():
     a = sm.full(BIG, 1.0)
     blob = pickle.dumps(a[10:20], protocol=4)
     del a
-    b = sm.full(BIG, 2.0)  # reuses a's memory
+    b = sm.full(BIG, 2.0)
     with pytest.raises(pickle.UnpicklingError, match="refers to shared memory that does not"):
         pickle.loads(blob)
     assert (b == 2.0).all()
@@ -758,13 +653,13 @@ def _child_sees(start_child, expected):
 
     ``start_child(a, go)`` starts a process holding a view of ``a`` that waits
     on the pipe ``go`` and then returns ``a.sum()`` (how depends on the kind
-    of child).  Unsafe reuse would give it the new array's values.
+    of child).  Memory handed out again would give it the new array's values.
     """
     a = sm.full(BIG, 1.0)
     r, w = os.pipe()
     finish = start_child(a, r)
     del a
-    b = sm.full(BIG, 2.0)  # would land in a's memory if it were reused
+    b = sm.full(BIG, 2.0)
     os.write(w, b"x")
     seen = finish()
     os.close(r)
@@ -773,7 +668,7 @@ def _child_sees(start_child, expected):
     assert (b == 2.0).all()
 
 
-def test_memory_a_background_child_views_is_not_reused(cache):
+def test_memory_a_background_child_views_is_never_handed_out():
     def start(a, r):
         bg = sm.background(lambda: (os.read(r, 1), float(a.sum()))[1])
         return bg.wait
@@ -781,7 +676,7 @@ def test_memory_a_background_child_views_is_not_reused(cache):
     _child_sees(start, 1.0)
 
 
-def test_memory_a_users_fork_child_views_is_not_reused(cache):
+def test_memory_a_users_fork_child_views_is_never_handed_out():
     def start(a, r):
         out_r, out_w = os.pipe()
         pid = os.fork()
@@ -801,55 +696,66 @@ def test_memory_a_users_fork_child_views_is_not_reused(cache):
     _child_sees(start, 1.0)
 
 
-def test_memory_a_worker_stashed_is_not_reused_during_the_map(cache):
-    """A worker keeps a view of an input; the caller frees it and allocates anew in reduce."""
-    inputs = [sm.full(BIG, 1.0)]
-    stash = []
-    news = []
+@pytest.mark.parametrize("engine", ["get", "map"])
+def test_a_child_of_a_task_sees_its_own_data_after_other_computes(engine):
+    """A task starts a process that reads its input a moment later (a helper that
+    saves its chunk): the caller frees the input and computes more meanwhile."""
+    parts = [sm.full(BIG, float(k)) for k in range(4)]
+    pipes = [os.pipe() for _ in parts]
+    results = [os.pipe() for _ in parts]
 
-    with sm.MapReduce(np=1) as pool:
-        def work(i):
-            if i == 0:
-                stash.append(inputs[0][:])  # kept past the item, in the worker
-                return 0.0
-            return float(stash[0].sum())
+    def helper(k, chunk):
+        pid = os.fork()
+        if pid == 0:
+            os.read(pipes[k][0], 1)
+            os.write(results[k][1], str(float(chunk.sum())).encode())
+            os._exit(0)
+        return pid
 
-        def reduce(value):
-            if not news:
-                inputs.clear()  # the caller's last view: freed here
-                news.append(sm.full(BIG, 2.0))
-            return value
+    if engine == "get":
+        dsk = {("h", k): (helper, k, parts[k]) for k in range(4)}
+        pids = sm.get(dsk, list(dsk), num_workers=2)
+        del dsk
+    else:
+        items = list(enumerate(parts))
+        with sm.MapReduce(np=2) as pool:
+            pids = pool.map(helper, items, star=True)
+        del items
+    del parts
+    assert sm.get({"x": (abs, -1)}, "x") == 1  # a session starts: finished workers reaped
+    others = [sm.full(BIG, 9.0) for _ in range(4)]  # would reuse the inputs' memory
+    with sm.MapReduce(np=2) as pool:
+        pool.map(lambda k: others[k].sum(), range(4))
+    seen = []
+    for k in range(4):
+        os.write(pipes[k][1], b"x")
+        seen.append(float(os.read(results[k][0], 100)))
+        for fd in (*pipes[k], *results[k]):
+            os.close(fd)
+    assert seen == [k * BIG for k in range(4)]
+    del pids
 
-        out = pool.map(work, range(2), reduce=reduce)
-    assert out == [0.0, BIG * 1.0]
-    assert (news[0] == 2.0).all()
 
+@pytest.mark.parametrize("engine", ["get", "map"])
+def test_results_after_freeing_a_large_scratch_array(engine):
+    """A work function frees a shared scratch array of 1 MiB or more, then returns
+    several arrays of 64 KiB to 1 MiB (they once landed in the freed memory's
+    pack, and the worker died)."""
+    def work(k):
+        scratch = sm.zeros(187_500)  # 1.5 MB: about the size of the results together
+        scratch += k
+        del scratch
+        return [np.full(n, float(k)) for n in (8_192, 50_000, 120_000)]
 
-def test_workers_write_results_into_lent_memory(cache, monkeypatch):
-    """Memory freed after one compute is lent to the next one's workers for their results,
-    which cross back as handles: no copy of their data travels in a message."""
-    copied = sm.zeros((), dtype="i8")  # counts, in the workers, data sent by value
-    pickle_data = memory._pickle_data
-
-    def counting(a):
-        copied[...] += 1
-        return pickle_data(a)
-
-    monkeypatch.setattr(memory, "_pickle_data", counting)
-
-    def compute(value):
-        parts = [dask.delayed(np.full)(BIG, value, dtype="f8") for _ in range(4)]
-        with dask.config.set({"sharedmem.inline": 0}):  # (else the second runs here)
-            return dask.compute(*parts, scheduler=sm.get, num_workers=2)
-
-    first = compute(1.0)
-    addresses = {a.__array_interface__["data"][0] for a in first}
-    del first  # kept for reuse once the workers that made it are reaped
-    again = compute(2.0)
-    assert all((a == 2.0).all() for a in again)
-    reused = {a.__array_interface__["data"][0] for a in again} & addresses
-    assert len(reused) == 4, "every result should land in memory the first compute freed"
-    assert copied == 0
+    if engine == "get":
+        out = sm.get({("w", k): (work, k) for k in range(3)}, [("w", k) for k in range(3)],
+                     num_workers=2)
+    else:
+        with sm.MapReduce(np=2) as pool:
+            out = pool.map(work, range(3))
+    for k, arrays in enumerate(out):
+        assert [a.shape for a in arrays] == [(8_192,), (50_000,), (120_000,)]
+        assert all((a == k).all() for a in arrays)
 
 
 def _vm_flags(address):
@@ -868,7 +774,6 @@ def _vm_flags(address):
 @pytest.mark.parametrize("allowed", [True, False])
 def test_large_segments_ask_for_huge_pages_where_the_kernel_allows(monkeypatch, allowed):
     monkeypatch.setattr(memory, "_huge", allowed)
-    memory.trim()  # new segments, mapped here and now (kept ones keep their advice)
     big = sm.empty(8 * MB, dtype="u1")
     small = sm.empty(MB, dtype="u1")
     assert memory._segment_of(big).fresh

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import faulthandler
 import gc
+import io
 import os
 import pickle
 import resource
@@ -17,13 +18,12 @@ import signal
 import threading
 import time
 
-import dask
 import numpy as np
 import pytest
 from conftest import BadStr, Formatted, TwoArgs, Unpicklable, children, running, seen
 
 import dask_sharedmem as sharedmem
-from dask_sharedmem import channel, memory, pool
+from dask_sharedmem import channel, memory, pool, transports
 from dask_sharedmem.pool import (
     LostException,
     RemoteTraceback,
@@ -293,33 +293,6 @@ def test_grown_workers_are_killed_and_reaped_on_an_error():
     assert len(w.pids) == 3 and not set(w.pids) & set(children())
 
 
-def test_a_grown_worker_gets_its_own_share_of_kept_memory():
-    """The kept memory is dealt out at start for every rank, forked now or later:
-    a late worker gets its rank's share, never memory lent to another worker."""
-    def main(chan, rank):
-        while True:
-            chan.recv()
-            chan.send(sorted(seg.address for seg in memory._LENT))
-
-    big = 1 << 22
-    memory.trim()
-    with dask.config.set({"sharedmem.cache": 64 << 20}):
-        arrays = [sharedmem.empty(big, dtype="u1") for _ in range(4)]
-        addresses = {a.__array_interface__["data"][0] for a in arrays}
-        del arrays
-        try:
-            with Workers(2, main, initial=1) as w:
-                w.send(0, "go")
-                first = poll_all(w, 1)[0]
-                w.grow()
-                w.send(1, "go")
-                late = poll_all(w, 1)[1]
-        finally:
-            memory.trim()
-    assert len(first) == len(late) == 2  # four freed segments of one size, for two ranks
-    assert not set(first) & set(late) and set(first) | set(late) == addresses
-
-
 # -- finished workers, reaped lazily ---------------------------------------------
 
 def lingering(chan, rank):
@@ -353,14 +326,12 @@ def test_finished_workers_are_reaped_by_the_next_session():
     w = Workers(3, echo)
     w.start()
     pids = list(w.pids)
-    assert set(pids) <= memory._unreaped  # reported to memory.py when forked
     w.close()
     assert reaped_or_pending(pids)
     for pid in pids:
         wait_exited(pid)  # exited (a zombie, or reaped already), not reaped here
     with Workers(1, echo) as w2:
         assert not set(pids) & set(children()) and not set(pids) & set(pool._finished)
-        assert not set(pids) & memory._unreaped and w2.pids[0] in memory._unreaped
         w2.send(0, "x")
         poll_all(w2, 1)
 
@@ -436,7 +407,7 @@ def test_a_users_wait_may_reap_a_finished_worker(how):
         for rank in range(2):
             w.send(rank, rank)
         assert len(poll_all(w, 2)) == 2
-        assert not set(pids) & set(pool._finished) and not set(pids) & memory._unreaped
+        assert not set(pids) & set(pool._finished)
 
 
 def test_kill_reaps_at_once():
@@ -446,7 +417,6 @@ def test_kill_reaps_at_once():
     pids = list(w.pids)
     w.kill()
     assert not set(pids) & set(children()) and not set(pids) & set(pool._finished)
-    assert not set(pids) & memory._unreaped
     w.kill()  # harmless, as is a close after it
     w.close()
 
@@ -472,7 +442,7 @@ def test_concurrent_sessions_reap_every_worker_once():
         t.join()
     assert not errors and len(set(pids)) == 120
     pool._reap_finished(block=True)
-    assert not pool._finished and not set(pids) & memory._unreaped
+    assert not pool._finished
     assert not set(pids) & set(children())
 
 
@@ -553,7 +523,7 @@ def caught(call, *args):
 
 def round_trip(exc):
     """``exc`` packed, sent through a channel's pickle and unpacked."""
-    exc, lost = unpack_exception(pickle.loads(channel.dumps(pack_exception(exc))[0]))
+    exc, lost = unpack_exception(pickle.loads(channel.dumps(pack_exception(exc))))
     assert not lost and isinstance(exc.__cause__, RemoteTraceback)
     return exc
 
@@ -663,22 +633,38 @@ def test_channel_pair_round_trip():
         b.close()
 
 
-def test_large_array_travels_as_a_handle_not_in_the_pickle():
+def message(obj, room="cma", threshold=channel.DEFAULT_THRESHOLD, inherited=0):
+    """What a message of ``obj`` carries: its body, its stand-ins, the segments whose
+    descriptors ride along, and the stand-ins' pickle."""
+    body, outbox = channel._dumps_value(obj, room, threshold)
+    buf = io.BytesIO()
+    p = channel._HandlePickler(buf, inherited)
+    p.dump(outbox.items)
+    return body, outbox.items, list(p.segments.values()), buf.getvalue()
+
+
+def test_large_array_travels_beside_the_message_not_in_it():
     big = np.arange(1_000_000, dtype="f8")  # 8 MB
-    body, segments = channel.dumps(big)
-    assert len(body) < 1000 and len(segments) == 1
+    body, items, segments, _ = message(big)
+    assert len(body) < 1000 and segments == []
+    assert items == [transports.Offer(os.getpid(), big.ctypes.data, big.nbytes)]
+    body, items, segments, _ = message(big, room="shm")  # copied into a new segment
+    assert len(body) < 1000 and len(items) == len(segments) == 1
+    np.testing.assert_array_equal(items[0].view("f8"), big)
     small = np.arange(100)
-    body, segments = channel.dumps(small)
-    assert segments == [] and len(body) > small.nbytes  # below the threshold: by value
-    body, segments = channel.dumps(big, threshold=None)
-    assert segments == [] and len(body) > big.nbytes
+    body, items, _, _ = message(small)
+    assert items == [] and len(body) > small.nbytes  # below the threshold: by value
+    body, items, _, _ = message(big, threshold=None)
+    assert items == [] and len(body) > big.nbytes
     shared = sharedmem.copy(small)
-    body, segments = channel.dumps({"a": shared, "b": shared[2:5]})
-    assert len(segments) == 1  # one segment, listed (and sent) once
+    body, items, segments, _ = message({"a": shared, "b": shared[2:5]})
+    assert len(items) == len(segments) == 1  # one segment, listed (and sent) once
     assert len(body) < 1000
 
 
-def test_large_array_crosses_processes_in_shared_memory():
+def test_large_array_crosses_processes_by_one_copy():
+    """To a worker through shared memory (a worker may not read its parent); back
+    by the session's transport: pulled into private memory (cma), or mapped (shm)."""
     big = np.arange(2_000_000, dtype="f8")
 
     def main(chan, rank):
@@ -690,7 +676,8 @@ def test_large_array_crosses_processes_in_shared_memory():
         w.send(0, big)
         total, doubled = poll_all(w, 1)[0]
     assert total == float(big.sum())
-    assert memory._segment_of(doubled) is not None  # came back by file descriptor
+    shared = memory._segment_of(doubled) is not None
+    assert shared == (transports._active == "shm")
     np.testing.assert_array_equal(doubled, big * 2)
 
 
@@ -767,21 +754,21 @@ def test_segments_cross_by_handle_when_inherited_and_by_value_without_a_descript
             chan.send((float(a.sum()), seg is not None and seg.token))
 
     with Workers(1, main) as w:
-        body, segments = channel.dumps(old, inherited=w.channels[0].inherited)
+        _, _, segments, _ = message(old, inherited=w.channels[0].inherited)
         assert segments == []  # a bare handle: no descriptor travels
         w.send(0, old)
         total, token = poll_all(w, 1)[0]
         assert total == 70.0 and token == memory._segment_of(old).token  # the same memory
 
-        late = sharedmem.full(10, 3.0)  # made after the fork: unknown to the worker
+        late = sharedmem.full(10_000, 3.0)  # made after the fork: unknown to the worker
         seg = memory._segment_of(late)
         os.close(memory._FDS.pop(seg.token))  # as memory._trim_fds does under pressure
         assert seg.fd == -1
-        body, segments = channel.dumps(late)
-        assert segments == [] and len(body) > late.nbytes  # the data travels in the message
+        _, _, segments, head = message(late)
+        assert segments == [] and len(head) > late.nbytes  # the data travels in the message
         w.send(0, late)
         total, token = poll_all(w, 1)[0]
-        assert total == 30.0 and token != seg.token  # a copy in the worker's own segment
+        assert total == 30_000.0 and token != seg.token  # a copy in the worker's own segment
         late[...] = 0  # still mapped here, though its descriptor is closed
         assert late.sum() == 0
 

@@ -32,7 +32,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils_test import GetFunctionTestMixin, inc
 
 import dask_sharedmem
-from dask_sharedmem import memory
+from dask_sharedmem import channel, memory, transports
 from dask_sharedmem.pool import RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -285,25 +285,37 @@ def make(n, value):
     return np.full(n, value, dtype="f8")
 
 
-def test_large_intermediate_travels_as_shared_memory():
+class Pulls:
+    """Counts, by process, the bytes pulled by process_vm_readv (cma.pull), in the
+    caller and its workers alike (a shared array: workers are forked after)."""
+
+    def __init__(self, monkeypatch):
+        transports.cma.available()  # its probe pulls 16 bytes once per process: not counted
+        self.by = dask_sharedmem.zeros(2, dtype="i8")  # [pulled by the caller, by workers]
+        caller, pull = os.getpid(), transports.cma.pull
+
+        def counting(pid, remote, local):
+            self.by[int(os.getpid() != caller)] += sum(n for _, n in local)
+            return pull(pid, remote, local)
+
+        monkeypatch.setattr(transports.cma, "pull", counting)
+
+
+def test_a_large_intermediate_stays_with_its_maker_until_needed(monkeypatch):
+    """"a" has two dependents: the caller never copies it; a worker that needs it
+    pulls it from its maker (or is its maker), and the caller pulls only "b"."""
     n = MB // 8  # a 1 MiB array, well above the 64 KiB threshold
-    seen = {}
-
-    class Watch(Callback):
-        def _posttask(self, key, result, dsk, state, worker_id):
-            seen[key] = memory._segment_of(result) is not None
-
-    before = live_segments()
-    # "a" has two dependents, so it is sent to the parent and on to both
+    pulls = Pulls(monkeypatch)
     dsk = {"a": (make, n, 1.5), "b": (operator.mul, "a", 2), "c": (np.sum, "a")}
-    with Watch():
+    with ProgressBar(out=io.StringIO()):  # a callback that never looks at values
         b, c = dask_sharedmem.get(dsk, ["b", "c"], num_workers=2)
-    assert seen == {"a": True, "b": True, "c": False}
     assert type(b) is np.ndarray and b.shape == (n,)
     np.testing.assert_array_equal(b, np.full(n, 3.0))
     assert c == 1.5 * n
-    del b
-    assert live_segments() == before
+    if transports._active == "cma":
+        assert pulls.by[0] == b.nbytes and pulls.by[1] in (0, MB)
+    else:
+        assert pulls.by.sum() == 0  # mapped, not pulled
 
 
 def test_large_result_is_a_plain_ndarray():
@@ -372,38 +384,28 @@ def _reducer_chain(count, n, lag):
     return dsk
 
 
-class LiveSegments(Callback):
-    """Counts, in the parent after every task, its live shared segments."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = []
-        self.shared_results = 0
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.live.append(len(memory._SEGMENTS))
-        self.shared_results += memory._segment_of(result) is not None
+def accumulate_counting(kept, total, part):
+    """accumulate, and the most values a worker has kept for others so far."""
+    kept[os.getpid() % len(kept)] = max(kept[os.getpid() % len(kept)], len(channel._KEPT))
+    return accumulate(total, part)
 
 
 def test_intermediates_are_freed_during_the_run():
     """50 results of 8 MiB, each used once: each is freed as soon as it is used.
 
     Reducer ``i`` (8 MiB) is needed by reducer ``i + 1`` and producer ``i + 2``,
-    so it always travels through the parent; kept to the end, 50 of them
-    would be alive at once.
+    so the workers keep a few at a time; kept to the end, 50 would be alive.
     """
     count, n = 50, 8 * MB // 8
-    before = live_segments()
-    with LiveSegments() as watch:
-        r = dask_sharedmem.get(_reducer_chain(count, n, lag=2), ("r", count - 1),
-                               num_workers=2)
+    kept = dask_sharedmem.zeros(1 << 16, dtype="i8")
+    dsk = _reducer_chain(count, n, lag=2)
+    for i in range(1, count):
+        dsk[("r", i)] = (accumulate_counting, kept, ("r", i - 1), ("p", i))
+    r = dask_sharedmem.get(dsk, ("r", count - 1), num_workers=2)
     assert type(r) is np.ndarray and r.shape == (n,)
     np.testing.assert_array_equal(r[:3], np.full(3, sum(range(count)), dtype="f8"))
-    assert len(watch.live) == 2 * count
-    assert watch.shared_results >= count
-    assert max(watch.live) - before <= 8, f"live segments over the run: {watch.live}"
-    del r
-    assert live_segments() == before
+    assert 0 < kept.max() <= 8, f"values kept by a worker at once: {kept.max()}"
+    assert not channel._KEPT
 
 
 def test_unconstrained_reducer_chain_completes():
@@ -412,12 +414,8 @@ def test_unconstrained_reducer_chain_completes():
     everything is freed at the end."""
     count, n = 50, 8 * MB // 8
     before = live_segments()
-    with LiveSegments() as watch:
-        r = dask_sharedmem.get(_reducer_chain(count, n, lag=0), ("r", count - 1),
-                               num_workers=2)
+    r = dask_sharedmem.get(_reducer_chain(count, n, lag=0), ("r", count - 1), num_workers=2)
     np.testing.assert_array_equal(r[-3:], np.full(3, sum(range(count)), dtype="f8"))
-    assert max(watch.live) - before <= count + 4, watch.live
-    assert watch.live[-1] - before <= 2
     del r
     assert live_segments() == before
 
@@ -847,26 +845,40 @@ def test_ctrl_c_stops_workers(tmp_path):
     assert all(_gone(pid) for pid in workers)
 
 
-# -- reuse of shared memory across computes ------------------------------------------
+# -- memory after computes -------------------------------------------------------------
 
-def test_repeated_computes_stay_within_the_cache_and_trim_returns_it():
-    """20 computes of a 64 MB array through a 16 MiB cache: cached memory stays under the
-    bound, results are right, and trim() gives everything back."""
+@pytest.mark.usefixtures("always_fork")
+def test_memory_returns_when_the_compute_returns():
+    """20 computes of a 64 MB result: once each result is dropped, this process's
+    memory is back where it was, and so is the machine's shared memory."""
     from conftest import status
 
-    memory.trim()
     x = dask_sharedmem.empty(8 * MB)  # 64 MB of float64
     x[...] = 4.0
     a = da.from_array(x, chunks=MB)  # 8 chunks of 8 MB
-    rss0 = status("VmRSS")
-    with dask.config.set({"sharedmem.cache": 16 * MB}):
-        for _ in range(20):
-            r = (da.sqrt(a) + 1).compute(scheduler=dask_sharedmem.get, num_workers=2)
-            assert type(r) is np.ndarray and (r == 3.0).all()
-            del r
-            assert memory._cached_bytes <= 16 * MB
-    assert memory.trim() >= 0 and memory._cached_bytes == 0
-    assert status("VmRSS") - rss0 < 50 * MB, "trim() must give the cached memory back"
+    rss0, shmem0 = status("VmRSS"), _meminfo("Shmem")
+    for _ in range(20):
+        r = (da.sqrt(a) + 1).compute(scheduler=dask_sharedmem.get, num_workers=2)
+        assert type(r) is np.ndarray and (r == 3.0).all()
+        del r
+        assert status("VmRSS") - rss0 < 24 * MB
+        assert _meminfo("Shmem") - shmem0 < 24 * MB
+
+
+def _meminfo(field):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def test_every_setting_is_among_dasks_config_defaults():
+    assert set(dask.config.get("sharedmem")) == {"num-workers", "inline", "threshold",
+                                                 "transport"}
+    with dask.config.set({"sharedmem.transport": "pigeon"}), \
+            pytest.raises(ValueError, match="sharedmem.transport must be one of"):
+        dask_sharedmem.get({"x": (abs, -1)}, "x")
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 from conftest import children, live_segments, measured, open_fds, status
 
 import dask_sharedmem
-from dask_sharedmem import MapReduce, memory, pool
+from dask_sharedmem import MapReduce, pool
 
 N = int(os.environ.get("DASK_SHAREDMEM_SOAK", "50"))
 WARMUP = 5
@@ -42,7 +42,6 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + N),
 def resources():
     pool._reap_finished(block=True)
     gc.collect()
-    memory.trim()  # the bounded cache of freed shared memory is no leak (see conftest)
     return {"rss": status("VmRSS"), "anon": status("RssAnon"), "fds": len(open_fds()),
             "children": len(children()), "segments": live_segments()}
 
