@@ -61,15 +61,15 @@ worker's formatted traceback, and the exception pickled by
 ``cls(*args)``, which fails or formats the message twice when ``__init__``
 takes other arguments, and drops ``__cause__`` and ``__context__``, unless
 tblib's pickling is installed (``distributed`` does).  This pickler rebuilds every
-exception in the message from its ``args`` and ``__dict__`` without calling a
-Python ``__init__``, with its chain, whatever is imported; what does not pickle
-(an attribute, a cause) is left out and named in the traceback text, and
-``str()`` is never needed.  :func:`unpack_exception` attaches the worker's
-traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
-followed by the original cause.  Only an exception that still cannot make the
-round trip (its ``args`` do not pickle, the parent cannot import its class) is
-replaced by a :class:`LostException` that keeps its type name, message and
-traceback text.
+exception in the message from its ``args``, ``__dict__`` and ``__slots__``
+without calling a Python ``__init__``, with its chain, whatever is imported;
+what does not pickle (an attribute, a slot, a cause) is left out and named in
+the traceback text, and ``str()`` is never needed.  :func:`unpack_exception`
+attaches the worker's traceback as the exception's ``__cause__`` (as
+``concurrent.futures`` does), followed by the original cause.  Only an
+exception that still cannot make the round trip (its ``args`` do not pickle,
+the parent cannot import its class) is replaced by a :class:`LostException`
+that keeps its type name, message and traceback text.
 
 Warnings issued in a worker come home too.  Each worker records them
 (``warnings.showwarning``, after the filters it inherited at the fork have
@@ -84,6 +84,7 @@ workers or tasks is shown once under the default filter.
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import io
 import numbers
@@ -349,6 +350,26 @@ def _reduces_itself(cls: type) -> bool:
     return not (isinstance(cls.__reduce__, _BUILTIN) and isinstance(cls.__reduce_ex__, _BUILTIN))
 
 
+def _set_slots(obj: object) -> dict[str, Any]:
+    """The ``__slots__`` of every class of ``type(obj)`` that are set, by (mangled) name.
+
+    >>> class E(Exception):
+    ...     __slots__ = ("a", "b")
+    >>> e = E()
+    >>> e.a = 1
+    >>> _set_slots(e)
+    {'a': 1}
+    """
+    found = {}
+    # what pickle itself reads for other objects (private: not in typeshed)
+    for name in copyreg._slotnames(type(obj)):  # type: ignore[attr-defined]
+        try:
+            found[name] = getattr(obj, name)
+        except AttributeError:  # never set: it stays unset in the copy too
+            pass
+    return found
+
+
 def _new_exception(cls: type, init_args: tuple, args: tuple) -> BaseException:
     """Rebuild an exception the way ``cls(*init_args)`` would, minus every
     ``__init__`` written in Python: those take their own arguments, not ``args``.
@@ -379,12 +400,19 @@ class _ExceptionPickler(pickle.Pickler):
     another message when ``__init__`` takes other arguments, and drops
     ``__cause__`` and ``__context__``; tblib (which ``distributed`` installs)
     changes both, so what came back would depend on what was imported.  Here
-    an exception is rebuilt by :func:`_new_exception` with its ``args`` and
-    ``__dict__``, and its chain -- unless its class has a ``__reduce__`` of its
-    own, which is then used as it is.
+    an exception is rebuilt by :func:`_new_exception` with its ``args``,
+    ``__dict__`` and the ``__slots__`` that are set, and its chain -- unless its
+    class has a ``__reduce__`` of its own, which is then used as it is.
 
-    ``lenient``: attributes, causes and contexts that do not pickle are left
-    out, and described in ``dropped``.
+    Slots matter because no ``__init__`` runs: ``BaseException.__reduce__``
+    leaves them out (``cls(*args)`` would set them again), and a class that
+    keeps its fields there needs them back -- numpy's AxisError formats its
+    message from the slots ``axis`` and ``ndim``.  They travel in the state
+    dict beside ``__dict__``'s items, since ``BaseException.__setstate__``
+    sets each key with ``setattr``, which reaches a slot as well.
+
+    ``lenient``: attributes (slots too), causes and contexts that do not pickle
+    are left out, and described in ``dropped``.
     """
 
     def __init__(self, file: io.BytesIO, lenient: bool = False):
@@ -402,6 +430,8 @@ class _ExceptionPickler(pickle.Pickler):
         make, make_args, *rest = reduced
         if make is cls and not _reduces_itself(cls):
             make, make_args = _new_exception, (cls, make_args, obj.args)
+            state = {**(rest[0] if rest else {}), **_set_slots(obj)}
+            rest = [state] if state else []
         cause, context = obj.__cause__, obj.__context__
         if self.lenient:
             name = f"{cls.__module__}.{cls.__qualname__}"

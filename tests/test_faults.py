@@ -46,6 +46,9 @@ import pytest
 from conftest import (
     BadStr,
     Formatted,
+    SlotHoldsLock,
+    Slotted,
+    SlottedWithDict,
     TwoArgs,
     Unpicklable,
     children,
@@ -431,13 +434,14 @@ def test_unpicklable_input_of_a_task(consumer, case):
     still_works("scheduler")
 
 
-@pytest.mark.parametrize("error", [Unpicklable("holds a lock"), TwoArgs("one", "two"),
-                                   ValueError(threading.Lock())],
-                         ids=["attribute-cannot-pickle", "init-takes-other-arguments",
-                              "args-cannot-pickle"])
+@pytest.mark.parametrize("error", [Unpicklable("holds a lock"), SlotHoldsLock("holds a lock"),
+                                   TwoArgs("one", "two"), ValueError(threading.Lock())],
+                         ids=["attribute-cannot-pickle", "slot-cannot-pickle",
+                              "init-takes-other-arguments", "args-cannot-pickle"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_unpicklable_exception(engine, error, case):
-    """Plain pickle fails on all three: only the last, whose args do not pickle, is lost."""
+    """Plain pickle fails on three (it would make the slot's lock anew, calling
+    ``__init__``): only the last, whose args do not pickle, is lost."""
     def bad():
         case.meet(0)
         case.fault()
@@ -484,8 +488,22 @@ def raise_chained():
         raise Formatted(7) from TwoArgs(1, 2)
 
 
-#: exceptions that plain pickle rebuilds wrong or not at all, or cannot even print
-REBUILT = [raise_formatted, raise_two_args, raise_bad_str, raise_chained]
+def raise_axis_error():
+    np.moveaxis(np.zeros(3), 2, 0)  # numpy's AxisError keeps axis and ndim in __slots__
+
+
+def raise_slotted():
+    raise Slotted(3, "bad")
+
+
+def raise_slotted_with_dict():
+    raise SlottedWithDict(4, "worse")
+
+
+#: exceptions that plain pickle rebuilds wrong or not at all, or cannot even print,
+#: and those whose __init__ alone sets their __slots__
+REBUILT = [raise_formatted, raise_two_args, raise_bad_str, raise_chained, raise_axis_error,
+           raise_slotted, raise_slotted_with_dict]
 
 
 def caught(call, *args, **kwargs):
@@ -527,6 +545,18 @@ def test_exception_comes_back_as_with_threads(engine, raises, case):
     with case.timed():
         same_as_threads(engine, raises)
     still_works(engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_axis_error_comes_back_whole(engine, case):
+    """numpy's AxisError: its message is made from the slots ``axis`` and ``ndim``."""
+    theirs = caught(raise_axis_error)  # (np.exceptions is numpy 1.25+)
+    with case.expect(engine, type(theirs)):
+        run(engine, [raise_axis_error])
+    ours = case.exc
+    assert (type(ours), ours.args, str(ours), ours.axis, ours.ndim) == \
+        (type(theirs), theirs.args, str(theirs), theirs.axis, theirs.ndim)
+    assert (ours.axis, ours.ndim) == (2, 1)
 
 
 SAME_AS_THREADS = subprocess_script("""
