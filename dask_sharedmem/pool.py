@@ -25,9 +25,10 @@ per call)::
   killer -- its socket reads EOF in the parent at once.  The parent waits on
   all sockets with ``selectors``: no polling loops, no sleeps, no timeouts.
   It then ``waitpid``s the worker to name the signal or exit code.
-* Workers ignore SIGINT (Ctrl-C is the parent's decision), ask the kernel to
-  SIGKILL them if the parent dies (``PR_SET_PDEATHSIG``), and leave with
-  ``os._exit`` so that no atexit handler or inherited buffer runs twice.
+* Workers ignore SIGINT (Ctrl-C is the parent's decision), are SIGKILLed
+  when the parent process dies (see "Dying with the parent" below), and
+  leave with ``os._exit`` so that no atexit handler or inherited buffer runs
+  twice.
 * ``close`` (normal end) shuts the sockets down for writing: workers read
   EOF (or find the socket closed as they send), close every descriptor they
   inherited (the caller's files and the locks on them, its pipes) and last
@@ -52,8 +53,37 @@ arrived, so a worker that dies now (even by a signal) is no error.  Each
 worker is reported once when forked (``memory._forked_child``) and once when
 known to be reaped (``memory._reaped_child``), whichever path reaps it:
 memory.py reuses shared memory only when no worker can still see it.  No
-orphan can outlive the caller either way: workers die with it
-(``PR_SET_PDEATHSIG``), zombies go to init.
+orphan can outlive the caller either way: workers die with it, zombies go
+to init.
+
+Dying with the parent: a worker (or a ``background()`` process) lives as long
+as the *process* that forked it, and no longer.  ``PR_SET_PDEATHSIG`` alone
+would not do, since its "parent" is the forking *thread*: forked by a
+``concurrent.futures`` thread or a request handler, a ``background()`` call
+would be SIGKILLed as soon as that thread ends, while its caller still waits
+for the result (multiprocessing's fork ``Process`` lives on).  So it depends
+on the thread that forks (:func:`_pidfd_for_child`, :func:`_die_with_parent`):
+
+* the main thread (the thread-group leader, which ends only with the
+  process): the child asks for ``PR_SET_PDEATHSIG`` as before -- no thread,
+  no descriptor -- and checks ``getppid()`` afterwards in case the parent
+  died before that took effect;
+* any other thread: the parent opens a pidfd of itself (``os.pidfd_open``)
+  right before the fork, the child inherits it, and a daemon thread of the
+  child blocks in ``poll`` on it.  A pidfd reads ready once every thread of
+  its process has exited; the thread then SIGKILLs its own process, if
+  ``getppid()`` confirms the parent is gone.  Opened by the parent on itself,
+  the pidfd cannot name a recycled pid, and a parent that died before the
+  thread started is seen at once: no race to close.  The thread blocks every
+  signal, so that signals still reach (and interrupt) the main thread.
+
+Its limits: such a worker runs two threads, so an ``os.fork()`` in one of
+its tasks gets Python 3.12's warning about forking with threads (the
+library's own forks filter it, see :func:`_fork`), and a task that closes
+descriptors it did not open, before the thread is in ``poll``, takes the
+watch away.  Where ``pidfd_open`` is missing (Linux before 5.3, a seccomp
+filter), the child falls back to ``PR_SET_PDEATHSIG`` and dies with the
+thread that forked it.
 
 Exceptions raised in a worker travel as :func:`pack_exception` tuples: the
 worker's formatted traceback, and the exception pickled by
@@ -92,6 +122,7 @@ import os
 import pickle
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -564,7 +595,37 @@ def _fork() -> int:
                 break
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _pidfd_for_child() -> int | None:
+    """In the parent, right before a fork: a pidfd of this process for the child
+    to watch, or None where ``PR_SET_PDEATHSIG`` will do (see the module docstring).
+
+    The kernel's "parent" for that signal is the forking thread; only the
+    thread-group leader's end is the process's.
+    """
+    if threading.get_native_id() == os.getpid():
+        return None
+    try:
+        return os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):  # not Linux, Linux before 5.3, seccomp
+        return None
+
+
+def _die_with_parent(parent_pid: int, pidfd: int | None) -> None:
+    """In a new worker: be SIGKILLed when the process ``parent_pid`` dies.
+
+    ``pidfd`` (from :func:`_pidfd_for_child`) is watched by a thread of ours;
+    None asks the kernel instead (``PR_SET_PDEATHSIG``).
+    """
+    if pidfd is not None:
+        # a process-wide signal taken by this thread would not interrupt what the
+        # main thread waits in (a task's sleep, or select under an alarm's timeout)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            threading.Thread(target=_kill_when_gone, args=(pidfd, parent_pid), daemon=True,
+                             name=f"dask_sharedmem: dies with pid {parent_pid}").start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return
     global _libc
     if sys.platform.startswith("linux"):
         if _libc is None:
@@ -572,6 +633,16 @@ def _die_with_parent(parent_pid: int) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _kill_when_gone(pidfd: int, parent_pid: int) -> None:  # pragma: no cover - in a worker
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll()
+    # the wake-up alone is no proof: a task may have closed the descriptor (POLLNVAL)
+    # or put another file at its number; a parent that died has handed us to another
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _forget_inherited_thread_pools() -> None:
@@ -781,6 +852,7 @@ class Workers:
         # copy of our stack (which then runs the parent's code), or leaves a
         # child that kill() does not know about
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        watch = _pidfd_for_child()
         try:
             memory._ours.forking = True  # a worker we reap: see memory._before_fork
             try:
@@ -794,7 +866,7 @@ class Workers:
             if pid == 0:  # pragma: no cover - runs in the child
                 mine.sock.close()
                 self._child(_WorkerChannel(theirs.sock, self.threshold), rank, self._parent,
-                            mask)
+                            mask, watch)
             memory._forked_child(pid)
             theirs.close()
             mine.inherited = memory._serial  # the child knows every segment we have
@@ -803,16 +875,18 @@ class Workers:
             self._alive.add(rank)
             self._selector.register(mine.sock, selectors.EVENT_READ, rank)
         finally:
+            if watch is not None:
+                os.close(watch)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.fork_seconds = time.perf_counter() - t0
 
-    def _child(self, chan: channel.Channel, rank: int, parent: int,
-               mask: set) -> None:  # pragma: no cover
+    def _child(self, chan: channel.Channel, rank: int, parent: int, mask: set,
+               watch: int | None) -> None:  # pragma: no cover
         code = 1
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            _die_with_parent(parent)
+            _die_with_parent(parent, watch)
             _forget_inherited_thread_pools()
             # numpy's global random state came from the parent: every worker would draw
             # the same numbers (np.random.random() in two tasks gives one value twice);
