@@ -25,9 +25,10 @@ per call)::
   killer -- its socket reads EOF in the parent at once.  The parent waits on
   all sockets with ``selectors``: no polling loops, no sleeps, no timeouts.
   It then ``waitpid``s the worker to name the signal or exit code.
-* Workers ignore SIGINT (Ctrl-C is the parent's decision), ask the kernel to
-  SIGKILL them if the parent dies (``PR_SET_PDEATHSIG``), and leave with
-  ``os._exit`` so that no atexit handler or inherited buffer runs twice.
+* Workers ignore SIGINT (Ctrl-C is the parent's decision), are SIGKILLed
+  when the parent process dies (see "Dying with the parent" below), and
+  leave with ``os._exit`` so that no atexit handler or inherited buffer runs
+  twice.
 * ``close`` (normal end) shuts the sockets down for writing: workers read
   EOF (or find the socket closed as they send), close every descriptor they
   inherited (the caller's files and the locks on them, its pipes) and last
@@ -49,8 +50,37 @@ until the next session at most, or until the bound.  A pid that the caller's
 own ``os.wait()`` took first (ChildProcessError) counts as reaped.  Nothing
 is lost by not looking at their status: the session's results had all
 arrived, so a worker that dies now (even by a signal) is no error.  No
-orphan can outlive the caller either way: workers die with it
-(``PR_SET_PDEATHSIG``), zombies go to init.
+orphan can outlive the caller either way: workers die with it, zombies go
+to init.
+
+Dying with the parent: a worker (or a ``background()`` process) lives as long
+as the *process* that forked it, and no longer.  ``PR_SET_PDEATHSIG`` alone
+would not do, since its "parent" is the forking *thread*: forked by a
+``concurrent.futures`` thread or a request handler, a ``background()`` call
+would be SIGKILLed as soon as that thread ends, while its caller still waits
+for the result (multiprocessing's fork ``Process`` lives on).  So it depends
+on the thread that forks (:func:`_pidfd_for_child`, :func:`_die_with_parent`):
+
+* the main thread (the thread-group leader, which ends only with the
+  process): the child asks for ``PR_SET_PDEATHSIG`` as before -- no thread,
+  no descriptor -- and checks ``getppid()`` afterwards in case the parent
+  died before that took effect;
+* any other thread: the parent opens a pidfd of itself (``os.pidfd_open``)
+  right before the fork, the child inherits it, and a daemon thread of the
+  child blocks in ``poll`` on it.  A pidfd reads ready once every thread of
+  its process has exited; the thread then SIGKILLs its own process, if
+  ``getppid()`` confirms the parent is gone.  Opened by the parent on itself,
+  the pidfd cannot name a recycled pid, and a parent that died before the
+  thread started is seen at once: no race to close.  The thread blocks every
+  signal, so that signals still reach (and interrupt) the main thread.
+
+Its limits: such a worker runs two threads, so an ``os.fork()`` in one of
+its tasks gets Python 3.12's warning about forking with threads (the
+library's own forks filter it, see :func:`_fork`), and a task that closes
+descriptors it did not open, before the thread is in ``poll``, takes the
+watch away.  Where ``pidfd_open`` is missing (Linux before 5.3, a seccomp
+filter), the child falls back to ``PR_SET_PDEATHSIG`` and dies with the
+thread that forked it.
 
 Exceptions raised in a worker travel as :func:`pack_exception` tuples: the
 worker's formatted traceback, and the exception pickled by
@@ -58,15 +88,15 @@ worker's formatted traceback, and the exception pickled by
 ``cls(*args)``, which fails or formats the message twice when ``__init__``
 takes other arguments, and drops ``__cause__`` and ``__context__``, unless
 tblib's pickling is installed (``distributed`` does).  This pickler rebuilds every
-exception in the message from its ``args`` and ``__dict__`` without calling a
-Python ``__init__``, with its chain, whatever is imported; what does not pickle
-(an attribute, a cause) is left out and named in the traceback text, and
-``str()`` is never needed.  :func:`unpack_exception` attaches the worker's
-traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
-followed by the original cause.  Only an exception that still cannot make the
-round trip (its ``args`` do not pickle, the parent cannot import its class) is
-replaced by a :class:`LostException` that keeps its type name, message and
-traceback text.
+exception in the message from its ``args``, ``__dict__`` and ``__slots__``
+without calling a Python ``__init__``, with its chain, whatever is imported;
+what does not pickle (an attribute, a slot, a cause) is left out and named in
+the traceback text, and ``str()`` is never needed.  :func:`unpack_exception`
+attaches the worker's traceback as the exception's ``__cause__`` (as
+``concurrent.futures`` does), followed by the original cause.  Only an
+exception that still cannot make the round trip (its ``args`` do not pickle,
+the parent cannot import its class) is replaced by a :class:`LostException`
+that keeps its type name, message and traceback text.
 
 Warnings issued in a worker come home too.  Each worker records them
 (``warnings.showwarning``, after the filters it inherited at the fork have
@@ -81,6 +111,7 @@ workers or tasks is shown once under the default filter.
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import io
 import numbers
@@ -88,6 +119,7 @@ import os
 import pickle
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -346,6 +378,26 @@ def _reduces_itself(cls: type) -> bool:
     return not (isinstance(cls.__reduce__, _BUILTIN) and isinstance(cls.__reduce_ex__, _BUILTIN))
 
 
+def _set_slots(obj: object) -> dict[str, Any]:
+    """The ``__slots__`` of every class of ``type(obj)`` that are set, by (mangled) name.
+
+    >>> class E(Exception):
+    ...     __slots__ = ("a", "b")
+    >>> e = E()
+    >>> e.a = 1
+    >>> _set_slots(e)
+    {'a': 1}
+    """
+    found = {}
+    # what pickle itself reads for other objects (private: not in typeshed)
+    for name in copyreg._slotnames(type(obj)):  # type: ignore[attr-defined]
+        try:
+            found[name] = getattr(obj, name)
+        except AttributeError:  # never set: it stays unset in the copy too
+            pass
+    return found
+
+
 def _new_exception(cls: type, init_args: tuple, args: tuple) -> BaseException:
     """Rebuild an exception the way ``cls(*init_args)`` would, minus every
     ``__init__`` written in Python: those take their own arguments, not ``args``.
@@ -376,12 +428,19 @@ class _ExceptionPickler(pickle.Pickler):
     another message when ``__init__`` takes other arguments, and drops
     ``__cause__`` and ``__context__``; tblib (which ``distributed`` installs)
     changes both, so what came back would depend on what was imported.  Here
-    an exception is rebuilt by :func:`_new_exception` with its ``args`` and
-    ``__dict__``, and its chain -- unless its class has a ``__reduce__`` of its
-    own, which is then used as it is.
+    an exception is rebuilt by :func:`_new_exception` with its ``args``,
+    ``__dict__`` and the ``__slots__`` that are set, and its chain -- unless its
+    class has a ``__reduce__`` of its own, which is then used as it is.
 
-    ``lenient``: attributes, causes and contexts that do not pickle are left
-    out, and described in ``dropped``.
+    Slots matter because no ``__init__`` runs: ``BaseException.__reduce__``
+    leaves them out (``cls(*args)`` would set them again), and a class that
+    keeps its fields there needs them back -- numpy's AxisError formats its
+    message from the slots ``axis`` and ``ndim``.  They travel in the state
+    dict beside ``__dict__``'s items, since ``BaseException.__setstate__``
+    sets each key with ``setattr``, which reaches a slot as well.
+
+    ``lenient``: attributes (slots too), causes and contexts that do not pickle
+    are left out, and described in ``dropped``.
     """
 
     def __init__(self, file: io.BytesIO, lenient: bool = False):
@@ -399,6 +458,8 @@ class _ExceptionPickler(pickle.Pickler):
         make, make_args, *rest = reduced
         if make is cls and not _reduces_itself(cls):
             make, make_args = _new_exception, (cls, make_args, obj.args)
+            state = {**(rest[0] if rest else {}), **_set_slots(obj)}
+            rest = [state] if state else []
         cause, context = obj.__cause__, obj.__context__
         if self.lenient:
             name = f"{cls.__module__}.{cls.__qualname__}"
@@ -531,7 +592,37 @@ def _fork() -> int:
                 break
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _pidfd_for_child() -> int | None:
+    """In the parent, right before a fork: a pidfd of this process for the child
+    to watch, or None where ``PR_SET_PDEATHSIG`` will do (see the module docstring).
+
+    The kernel's "parent" for that signal is the forking thread; only the
+    thread-group leader's end is the process's.
+    """
+    if threading.get_native_id() == os.getpid():
+        return None
+    try:
+        return os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):  # not Linux, Linux before 5.3, seccomp
+        return None
+
+
+def _die_with_parent(parent_pid: int, pidfd: int | None) -> None:
+    """In a new worker: be SIGKILLed when the process ``parent_pid`` dies.
+
+    ``pidfd`` (from :func:`_pidfd_for_child`) is watched by a thread of ours;
+    None asks the kernel instead (``PR_SET_PDEATHSIG``).
+    """
+    if pidfd is not None:
+        # a process-wide signal taken by this thread would not interrupt what the
+        # main thread waits in (a task's sleep, or select under an alarm's timeout)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            threading.Thread(target=_kill_when_gone, args=(pidfd, parent_pid), daemon=True,
+                             name=f"dask_sharedmem: dies with pid {parent_pid}").start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return
     global _libc
     if sys.platform.startswith("linux"):
         if _libc is None:
@@ -539,6 +630,16 @@ def _die_with_parent(parent_pid: int) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _kill_when_gone(pidfd: int, parent_pid: int) -> None:  # pragma: no cover - in a worker
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll()
+    # the wake-up alone is no proof: a task may have closed the descriptor (POLLNVAL)
+    # or put another file at its number; a parent that died has handed us to another
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _forget_inherited_thread_pools() -> None:
@@ -737,6 +838,7 @@ class Workers:
         # copy of our stack (which then runs the parent's code), or leaves a
         # child that kill() does not know about
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        watch = _pidfd_for_child()
         try:
             try:
                 pid = _fork()
@@ -747,7 +849,7 @@ class Workers:
             if pid == 0:  # pragma: no cover - runs in the child
                 mine.sock.close()
                 self._child(_WorkerChannel(theirs.sock, self.threshold, to_parent=True), rank,
-                            self._parent, mask)
+                            self._parent, mask, watch)
             theirs.close()
             mine.inherited = memory._serial  # the child knows every segment we have
             self.pids.append(pid)
@@ -755,16 +857,18 @@ class Workers:
             self._alive.add(rank)
             self._selector.register(mine.sock, selectors.EVENT_READ, rank)
         finally:
+            if watch is not None:
+                os.close(watch)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.fork_seconds = time.perf_counter() - t0
 
-    def _child(self, chan: channel.Channel, rank: int, parent: int,
-               mask: set) -> None:  # pragma: no cover
+    def _child(self, chan: channel.Channel, rank: int, parent: int, mask: set,
+               watch: int | None) -> None:  # pragma: no cover
         code = 1
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            _die_with_parent(parent)
+            _die_with_parent(parent, watch)
             _forget_inherited_thread_pools()
             # numpy's global random state came from the parent: every worker would draw
             # the same numbers (np.random.random() in two tasks gives one value twice);

@@ -19,6 +19,7 @@ so its frames and their arrays, alive.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import gc
 import os
 import signal
@@ -127,8 +128,57 @@ class BadStr(Exception):
         raise RuntimeError("BadStr has no str()")
 
 
+class _SlottedBase(Exception):
+    __slots__ = ("code",)
+
+
+class Slotted(_SlottedBase):
+    """An exception that keeps its fields in ``__slots__`` of two classes, as
+    numpy's AxisError keeps its own, and needs them for ``str()``.  Its
+    ``__init__`` does not call the base's (neither does AxisError's): ``args``
+    are what it was called with.  ``unset`` is never set; ``__private`` is
+    mangled to ``_Slotted__private``."""
+
+    __slots__ = ("detail", "unset", "__private")
+
+    def __init__(self, code, detail):
+        self.code, self.detail, self.__private = code, detail, [code]
+
+    def __str__(self):
+        return f"code {self.code}: {self.detail} {self.__private}"
+
+
+class SlottedWithDict(Slotted):
+    """Fields in ``__slots__`` and in ``__dict__`` too."""
+
+    __slots__ = ("more",)
+
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.more = "a slot"
+        self.note = "in __dict__"
+
+
+class SlotHoldsLock(Exception):
+    """An exception that pickle refuses: one of its slots holds a lock."""
+
+    __slots__ = ("lock", "kept")
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+        self.kept = "kept"
+
+
+def slots(exc):
+    """The ``__slots__`` of ``exc``'s classes that are set -> their values."""
+    return {name: getattr(exc, name) for name in copyreg._slotnames(type(exc))
+            if hasattr(exc, name)}
+
+
 def seen(exc, cause=None, top=True):
-    """What a caller can see of an exception: type, args, str(), attributes, its chain.
+    """What a caller can see of an exception: type, args, str(), attributes (in
+    ``__dict__`` and in ``__slots__``), its chain.
 
     ``cause`` stands for the top one's ``__cause__``: an exception rebuilt from
     a worker has the worker's traceback there, and its original cause next.
@@ -139,7 +189,7 @@ def seen(exc, cause=None, top=True):
         text = str(exc)
     except Exception as e:
         text = f"str() raises {e!r}"
-    return (type(exc), exc.args, text, vars(exc),
+    return (type(exc), exc.args, text, vars(exc), slots(exc),
             seen(cause if top else exc.__cause__, top=False), seen(exc.__context__, top=False),
             None if top else exc.__suppress_context__)
 

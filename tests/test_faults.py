@@ -46,6 +46,9 @@ import pytest
 from conftest import (
     BadStr,
     Formatted,
+    SlotHoldsLock,
+    Slotted,
+    SlottedWithDict,
     TwoArgs,
     Unpicklable,
     children,
@@ -431,13 +434,14 @@ def test_unpicklable_input_of_a_task(consumer, case):
     still_works("scheduler")
 
 
-@pytest.mark.parametrize("error", [Unpicklable("holds a lock"), TwoArgs("one", "two"),
-                                   ValueError(threading.Lock())],
-                         ids=["attribute-cannot-pickle", "init-takes-other-arguments",
-                              "args-cannot-pickle"])
+@pytest.mark.parametrize("error", [Unpicklable("holds a lock"), SlotHoldsLock("holds a lock"),
+                                   TwoArgs("one", "two"), ValueError(threading.Lock())],
+                         ids=["attribute-cannot-pickle", "slot-cannot-pickle",
+                              "init-takes-other-arguments", "args-cannot-pickle"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_unpicklable_exception(engine, error, case):
-    """Plain pickle fails on all three: only the last, whose args do not pickle, is lost."""
+    """Plain pickle fails on three (it would make the slot's lock anew, calling
+    ``__init__``): only the last, whose args do not pickle, is lost."""
     def bad():
         case.meet(0)
         case.fault()
@@ -484,8 +488,22 @@ def raise_chained():
         raise Formatted(7) from TwoArgs(1, 2)
 
 
-#: exceptions that plain pickle rebuilds wrong or not at all, or cannot even print
-REBUILT = [raise_formatted, raise_two_args, raise_bad_str, raise_chained]
+def raise_axis_error():
+    np.moveaxis(np.zeros(3), 2, 0)  # numpy's AxisError keeps axis and ndim in __slots__
+
+
+def raise_slotted():
+    raise Slotted(3, "bad")
+
+
+def raise_slotted_with_dict():
+    raise SlottedWithDict(4, "worse")
+
+
+#: exceptions that plain pickle rebuilds wrong or not at all, or cannot even print,
+#: and those whose __init__ alone sets their __slots__
+REBUILT = [raise_formatted, raise_two_args, raise_bad_str, raise_chained, raise_axis_error,
+           raise_slotted, raise_slotted_with_dict]
 
 
 def caught(call, *args, **kwargs):
@@ -527,6 +545,18 @@ def test_exception_comes_back_as_with_threads(engine, raises, case):
     with case.timed():
         same_as_threads(engine, raises)
     still_works(engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_axis_error_comes_back_whole(engine, case):
+    """numpy's AxisError: its message is made from the slots ``axis`` and ``ndim``."""
+    theirs = caught(raise_axis_error)  # (np.exceptions is numpy 1.25+)
+    with case.expect(engine, type(theirs)):
+        run(engine, [raise_axis_error])
+    ours = case.exc
+    assert (type(ours), ours.args, str(ours), ours.axis, ours.ndim) == \
+        (type(theirs), theirs.args, str(theirs), theirs.axis, theirs.ndim)
+    assert (ours.axis, ours.ndim) == (2, 1)
 
 
 SAME_AS_THREADS = subprocess_script("""
@@ -642,13 +672,19 @@ def test_spilled_results_while_the_parent_ends_print_nothing(case):
 # -- the parent: Ctrl-C, killed --------------------------------------------------------
 
 PARENT_SCRIPT = subprocess_script("""
-    import json, os, sys, time
+    import json, os, sys, threading, time
     import dask_sharedmem
 
     engine, where, nested = sys.argv[1], sys.argv[2], sys.argv[3] == "nested"
+    from_thread = sys.argv[4] == "thread"
 
+
+    def started(tasks):
+        return [dask_sharedmem.background(f) for f in tasks]
 
     def run(tasks):
+        if engine == "background":
+            return [call.wait() for call in started(tasks)]
         if engine == "mapreduce":
             with dask_sharedmem.MapReduce(np=len(tasks)) as pool:
                 return pool.map(lambda f: f(), tasks)
@@ -666,19 +702,31 @@ PARENT_SCRIPT = subprocess_script("""
         time.sleep(600)
 
     try:
-        run([sleeper, sleeper])
+        if not from_thread:
+            run([sleeper, sleeper])
+        elif engine == "background":  # started by a thread that ends, waited for here
+            calls = []
+            thread = threading.Thread(target=lambda: calls.extend(started([sleeper, sleeper])))
+            thread.start()
+            thread.join()
+            [call.wait() for call in calls]
+        else:
+            thread = threading.Thread(target=run, args=([sleeper, sleeper],))
+            thread.start()
+            thread.join()
     except KeyboardInterrupt:
         print(json.dumps(sorted(children())), flush=True)
         raise
 """)
 
 
-def start_parent(tmp_path, engine, nested):
-    """Start a parent that runs two sleeping workers; return it and all its descendants."""
+def start_parent(tmp_path, engine, nested, starter="main"):
+    """Start a parent that runs two sleeping workers, forked by its main thread
+    or by another (``starter="thread"``); return it and all its descendants."""
     where = tmp_path / "pids"
     where.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, engine, str(where),
-                             "nested" if nested else "flat"],
+                             "nested" if nested else "flat", starter],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     expected = 4 if nested else 2
     deadline = time.monotonic() + 30
@@ -730,6 +778,24 @@ def test_parent_is_killed(engine, sig, nested, tmp_path, case):
         case.latency = time.monotonic() - t0
         proc.communicate(timeout=20)
     assert gone, f"workers {[p for p in pids if running(p)]} outlived their parent by 1 s"
+    case.note = f"  (until all {len(pids)} workers were gone)"
+
+
+@pytest.mark.parametrize("engine", ENGINES + ["background"])
+def test_parent_is_killed_after_forking_from_a_thread(engine, tmp_path, case):
+    """Workers forked by a thread other than the main one (by one that has ended
+    since, for background()) follow a SIGKILLed parent too, and so do their own."""
+    proc, pids = start_parent(tmp_path, engine, nested=True, starter="thread")
+    with ended(proc):
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        wait_gone(pids, 20.0)  # a bound against a hang, not a measure of speed
+        case.latency = time.monotonic() - t0
+        survivors = [p for p in pids if running(p)]
+        for pid in survivors:  # else they live on after the suite, and hold proc's pipes
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=20)
+    assert not survivors, f"workers {survivors} outlived their parent"
     case.note = f"  (until all {len(pids)} workers were gone)"
 
 

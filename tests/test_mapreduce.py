@@ -8,6 +8,7 @@ at once; they print the time it took (``pytest -s``).
 
 import collections
 import contextlib
+import ctypes
 import faulthandler
 import gc
 import io
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -700,6 +702,64 @@ def test_background_large_result_and_death():
     with pytest.raises(WorkerException) as info:
         background(threading.Lock).wait()
     assert isinstance(info.value.reason, TypeError) and "lock" in str(info.value.reason)
+
+
+def test_background_outlives_the_thread_that_started_it():
+    """As with multiprocessing's fork Process: a background call started by a
+    thread that then ends (an executor's, a request handler's) returns its result."""
+    running_r, running_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def call():
+        os.write(running_w, b"1")
+        os.read(go_r, 1)  # until the thread that forked this process has ended
+        return "result"
+
+    calls = []
+
+    def start():
+        calls.append(background(call))
+        os.read(running_r, 1)  # its process is set up: it would die with this thread now
+
+    try:
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/self/task/{thread.native_id}"):  # join() returns first
+            assert time.monotonic() < deadline, "the thread did not end"
+            time.sleep(0.001)
+        os.write(go_w, b"1")
+        assert calls[0].wait() == "result"
+    finally:
+        for fd in (running_r, running_w, go_r, go_w):
+            os.close(fd)
+
+
+def death_signal():
+    """The signal this process gets when the thread that forked it ends (PR_GET_PDEATHSIG)."""
+    sig = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)
+    return sig.value
+
+
+@pytest.mark.usefixtures("always_fork")
+def test_map_and_compute_from_a_thread_that_is_not_the_main_one():
+    """Workers forked by another thread die with the process, not with that
+    thread: an executor may end its threads whenever it likes."""
+    def both():
+        with MapReduce(np=2) as pool:
+            mapped = pool.map(lambda i: (i * i, os.getpid(), death_signal()), range(4))
+        computed = sharedmem.get({"x": (lambda: (os.getpid(), death_signal()),)}, "x")
+        return mapped, computed
+
+    with ThreadPoolExecutor(1) as executor:
+        mapped, computed = executor.submit(both).result()
+    assert [sq for sq, _, _ in mapped] == [0, 1, 4, 9]
+    assert all(pid != PARENT and sig == 0 for _, pid, sig in mapped)
+    assert computed[0] != PARENT and computed[1] == 0
+    with MapReduce(np=2) as pool:  # the main thread ends with the process: the kernel's rule
+        assert pool.map(lambda i: death_signal(), range(2)) == [signal.SIGKILL] * 2
 
 
 def test_background_never_waited_for_is_cleaned_up():

@@ -20,7 +20,19 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BadStr, Formatted, TwoArgs, Unpicklable, children, running, seen
+from conftest import (
+    BadStr,
+    Formatted,
+    SlotHoldsLock,
+    Slotted,
+    SlottedWithDict,
+    TwoArgs,
+    Unpicklable,
+    children,
+    running,
+    seen,
+    slots,
+)
 
 import dask_sharedmem as sharedmem
 from dask_sharedmem import channel, memory, pool, transports
@@ -513,6 +525,10 @@ def raise_(exc):
     raise exc
 
 
+def raise_axis_error():
+    np.moveaxis(np.zeros(3), 2, 0)
+
+
 def caught(call, *args):
     try:
         call(*args)
@@ -543,8 +559,11 @@ def test_exception_round_trip_keeps_type_and_traceback():
     (raise_, (Missing("/nowhere"),)),
     (raise_, (SystemExit(3),)),
     (raise_, (WorkerDied(1, 2, "exited with code 3", "task 'x'"),)),
+    (raise_, (Slotted(3, "bad"),)),
+    (raise_, (SlottedWithDict(4, "worse"),)),
+    (raise_axis_error, ()),
 ], ids=["formats-its-argument", "two-arguments", "str-raises", "chained", "oserror-fields",
-        "builtin", "own-reduce"])
+        "builtin", "own-reduce", "slots", "slots-and-dict", "numpy-axis-error"])
 def test_exception_round_trip_is_the_same_exception(raises, args):
     """Pickle calls ``cls(*args)``: wrong or impossible when __init__ takes other arguments."""
     exc = caught(raises, *args)
@@ -587,6 +606,22 @@ def test_what_does_not_pickle_is_left_out_and_named():
     left_out = back.__cause__.tb.split("left out of the exception sent to the parent")[1]
     assert left_out.count("attribute 'lock' of conftest.Unpicklable") == 2
     assert "the __cause__ of conftest.Unpicklable" in left_out
+
+
+def test_slots_of_every_class_come_back_and_unset_ones_stay_unset():
+    back = round_trip(caught(raise_, SlottedWithDict(4, "worse")))
+    assert slots(back) == {"more": "a slot", "detail": "worse", "_Slotted__private": [4],
+                           "code": 4}
+    assert not hasattr(back, "unset") and vars(back) == {"note": "in __dict__"}
+    assert str(back) == "code 4: worse [4]"
+
+
+def test_a_slot_that_does_not_pickle_is_left_out_and_named():
+    back = round_trip(caught(raise_, SlotHoldsLock("holds a lock")))
+    assert type(back) is SlotHoldsLock and back.args == ("holds a lock",)
+    assert slots(back) == {"kept": "kept"}
+    left_out = back.__cause__.tb.split("left out of the exception sent to the parent")[1]
+    assert "attribute 'lock' of conftest.SlotHoldsLock" in left_out
 
 
 def test_exception_that_does_not_pickle_keeps_name_message_traceback():
