@@ -42,8 +42,9 @@ after it, every page the caller or a worker writes (and Python writes a
 reference count with every object it touches) is copied once, about 1,400
 pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
 -- 20-25 ms on a VM whose page faults cost 3-4 us, 5-10 ms on bare metal.
-Each call records the fastest task of each key name (in workers or here,
-see ``_remember``); a graph whose every key name is known -- by its name
+Each call updates an estimate of each key name's tasks (the mean of
+those run here; bounds from those run in workers, see ``_estimate``); a
+graph whose every key name is known -- by its name
 with dask's token, or without it (``key_split``: ``compute`` names its
 final keys anew each call) -- and whose tasks add up to less than dask
 config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here, one
@@ -97,11 +98,13 @@ _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always ge
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 _INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
 
-#: key name (a tuple key's first element) -> seconds of its fastest task, in the
-#: last call that ran it; and the same by the name without dask's token
+#: key name (a tuple key's first element) -> seconds that one of its tasks is
+#: expected to take here (see _estimate); and the same by the name without dask's token
 _DURATIONS: dict[Any, float] = {}
 _BY_PREFIX: dict[str, float] = {}
 _DURATIONS_MAX = 10_000
+#: how many times slower page faults make a worker's tasks than the caller's, on average, at most
+_SLOWDOWN = 10
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
                                            "threshold": channel.DEFAULT_THRESHOLD}})
@@ -111,25 +114,63 @@ def _name(key: Any) -> Any:
     return key[0] if type(key) is tuple and key else key
 
 
-def _remember(timings: dict) -> None:
-    """Keep each key name's fastest task time of this call (``timings``: name -> seconds).
+class _Timings:
+    """Seconds of each task of one call, by key name: run here, or in a worker."""
 
-    The fastest, not the mean: in a worker every task pays for the pages it
-    touches first after the fork (copies of the caller's heap, its shared
-    inputs), 3 to 10 times a warm task's time for a 4 MB chunk here, and a
-    task run here would not.  A guess too low costs one call, which measures
-    the tasks again, here.  Each is also kept by its name without the token
-    (dask's ``key_split``: ``sum``, ``finalize-hlgfinalizecompute``), for
-    names that dask makes anew for every ``compute``.
+    __slots__ = ("here", "there")
+
+    def __init__(self) -> None:
+        self.here: dict[Any, list[float]] = {}
+        self.there: dict[Any, list[float]] = {}
+
+
+def _remember(timings: _Timings) -> None:
+    """Update each key name's estimate with this call's tasks (see :func:`_estimate`).
+
+    Each is also kept by its name without the token (dask's ``key_split``:
+    ``sum``, ``finalize-hlgfinalizecompute``), for names that dask makes anew
+    for every ``compute`` (see :func:`_runs_here`).
     """
-    if len(_DURATIONS) + len(timings) > _DURATIONS_MAX:
+    names = timings.here.keys() | timings.there.keys()
+    if len(_DURATIONS) + len(names) > _DURATIONS_MAX:
         _DURATIONS.clear()
         _BY_PREFIX.clear()
-    for name, seconds in timings.items():
-        _DURATIONS[name] = least = min(seconds)
+    for name in names:
+        here, there = timings.here.get(name, ()), timings.there.get(name, ())
+        _DURATIONS[name] = _estimate(_DURATIONS.get(name), here, there)
         prefix = _prefix(name)
         if prefix is not None:
-            _BY_PREFIX[prefix] = least
+            _BY_PREFIX[prefix] = _estimate(_BY_PREFIX.get(prefix), here, there)
+
+
+def _estimate(old: float | None, here: Sequence[float], there: Sequence[float]) -> float:
+    """Seconds that a task of a name will take here, from this call's tasks of
+    it (run ``here``, or ``there`` in workers) and the estimate before (``old``).
+
+    The mean of the tasks run here is what running them here again costs.
+    A worker's tasks are slower: each pays for the pages it touches first
+    after the fork (copies of the caller's heap, its shared inputs), for the
+    4 MB chunks of a 32 MB ``(x + 1).sum()`` 2.5 to 3.5 times the caller's time
+    on average, single tasks up to 10 times.  So workers bound the estimate:
+    at most their mean; at least their fastest task (taken as a warm one),
+    and at least their mean over ``_SLOWDOWN``, which page faults do not
+    explain: four chunks of 0.5 s beside a last chunk of 0.1 ms are slow
+    work, not a 0.1 ms name.  An estimate within those bounds stays (what
+    was measured here is not undone by the workers); one outside moves to
+    the nearer bound (the tasks became quicker, or slower).
+
+    >>> _estimate(None, [], [0.5, 0.5, 0.5, 0.5, 0.0001])  # not 0.0001
+    0.040...
+    >>> _estimate(0.001, [], [0.003, 0.0011, 0.0012])  # measured here before: kept
+    0.001...
+    """
+    if not there:
+        return sum(here) / len(here)
+    mean = sum(there) / len(there)
+    low = max(min(there), mean / _SLOWDOWN)
+    if here:
+        return max(sum(here) / len(here), low)
+    return low if old is None else min(max(old, low), mean)
 
 
 def _prefix(name: Any) -> str | None:
@@ -172,7 +213,7 @@ def _runs_here(state: dict, ntasks: int, limit: float) -> bool:
 
 
 def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
-                pretask_cbs: list, posttask_cbs: list, timings: dict) -> None:
+                pretask_cbs: list, posttask_cbs: list, timings: _Timings) -> None:
     """Run the graph in this process, in dask's order, as dask's sync scheduler would."""
     cache = state["cache"]
     ready = state["ready"]
@@ -185,7 +226,7 @@ def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
         data = {d: cache[d] for d in dependencies[key]}
         t0 = time.perf_counter()
         res = dsk[key](data)
-        timings.setdefault(_name(key), []).append(time.perf_counter() - t0)
+        timings.here.setdefault(_name(key), []).append(time.perf_counter() - t0)
         cache[key] = res
         finish_task(dsk, key, state, wanted, keyorder.get)
         for f in posttask_cbs:
@@ -321,7 +362,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
         state: dict = {}
         started: list = []
-        timings: dict = {}  # key name -> seconds of each of its tasks: see _remember
+        timings = _Timings()
         ntasks = 0
         succeeded = False
         try:
@@ -405,7 +446,7 @@ def _plain(cache: dict, wanted: set) -> dict:
 
 def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
          threshold: int | None, start_cbs: list, start_state_cbs: list,
-         pretask_cbs: list, posttask_cbs: list, started: list, timings: dict) -> None:
+         pretask_cbs: list, posttask_cbs: list, started: list, timings: _Timings) -> None:
     """Fork the workers and run the graph on them.
 
     ``start`` callbacks run after the fork, since they may start threads
@@ -515,7 +556,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         data = {d: cache[d] for d in state["dependencies"][key]}
         began = time.perf_counter()
         res = runnable[key](data)
-        timings.setdefault(_name(key), []).append(time.perf_counter() - began)
+        timings.here.setdefault(_name(key), []).append(time.perf_counter() - began)
         finish(key, res, nworkers)
 
     def finish(key: Any, res: Any, rank: int) -> None:
@@ -574,7 +615,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 # could leave a worker idle at the end, so only while many are ready
                 depth = 2 if seconds < _PREFETCH_BELOW or len(ready) >= 4 * nworkers else 1
                 for key, res, took in out:
-                    timings.setdefault(_name(key), []).append(took)
+                    timings.there.setdefault(_name(key), []).append(took)
                     finish(key, res, rank)
                 del out, key, res
                 for other in range(nworkers):

@@ -910,6 +910,21 @@ def test_a_graph_that_became_slow_forks_again():
     assert dask_sharedmem.get(dsk, "x") != os.getpid()
 
 
+def sleepy(b):
+    time.sleep(0.2 * len(b) / 1000)  # 0.2 s for a full chunk, nothing for the last one
+    return b
+
+
+def test_a_name_of_slow_tasks_and_a_quick_one_keeps_forking(sessions):
+    """Four chunks of 0.2 s and a last chunk of one element: the name's fastest
+    task (0.1 ms) is not its time, and the same graph again forks, as threads
+    run it in parallel: run here it would take 0.8 s, not 0.4."""
+    x = da.from_array(np.ones(4001), chunks=1000).map_blocks(sleepy)
+    for _ in range(2):
+        assert x.compute(scheduler="sharedmem", num_workers=2).sum() == 4001
+    assert sessions == [2, 2]
+
+
 def pid_block(b):
     return np.full(1, os.getpid())
 
