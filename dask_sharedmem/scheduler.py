@@ -45,8 +45,10 @@ pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
 Each call updates an estimate of each key name's tasks (the mean of
 those run here; bounds from those run in workers, see ``_estimate``); a
 graph whose every key name is known -- by its name
-with dask's token, or without it (``key_split``: ``compute`` names its
-final keys anew each call) -- and whose tasks add up to less than dask
+with dask's token, or without it (``key_split``) for a task that waits
+only for tasks known so (``compute`` names its final keys anew each call;
+a root known without its token may be new work, see ``_runs_here``) --
+and whose tasks add up to less than dask
 config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here, one
 task after another, as dask's ``sync`` scheduler would: a worker could not
 return its result sooner.  The first call of a new graph forks; a graph
@@ -192,23 +194,42 @@ def _inline_limit() -> float:
     return float(value)
 
 
-def _runs_here(state: dict, ntasks: int, limit: float) -> bool:
-    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``."""
+def _runs_here(state: dict, ntasks: int, limit: float, keyorder: dict) -> bool:
+    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``.
+
+    A task is known by its key's name; by the name without dask's token only
+    where that is dask renaming the same task for each ``compute``
+    (``finalize-hlgfinalizecompute-<uuid>``, ``sum-aggregate-finalize-...``):
+    a task that waits for other tasks, each of them known.  A root (a task
+    whose inputs are all data) is known only by its own name: under a known
+    name without the token it may do new work, since dask names fused tasks
+    from their first and last layers (the ``array-sum-<token>`` of a new,
+    slow ``x.map_blocks(f).sum()`` is the ``array-sum`` of a trivial
+    ``x.sum()`` measured before).
+    """
     estimate = ntasks * _INLINE_PER_TASK
     if estimate >= limit:
         return False
-    for keys in (state["ready"], state["waiting"]):
+    waiting = state["waiting"]
+    renamed = []
+    for keys in (state["ready"], waiting):
         for key in keys:
             name = _name(key)
             seconds = _DURATIONS.get(name)
             if seconds is None:
                 prefix = _prefix(name)
-                seconds = None if prefix is None else _BY_PREFIX.get(prefix)
-            if seconds is None:
-                return False
+                if prefix is None or key not in waiting or prefix not in _BY_PREFIX:
+                    return False
+                seconds = _BY_PREFIX[prefix]
+                renamed.append(key)
             estimate += seconds
             if estimate >= limit:
                 return False
+    known: set = set()
+    for key in sorted(renamed, key=keyorder.__getitem__):  # a task after its dependencies
+        if not all(d in known or _name(d) in _DURATIONS for d in waiting[key]):
+            return False
+        known.add(key)
     return True
 
 
@@ -378,7 +399,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         f(dsk)
                         started.append(f)
                     break
-                if _runs_here(state, ntasks, limit):
+                if _runs_here(state, ntasks, limit, keyorder):
                     if not started:
                         before = dict(dsk) if start_cbs else None
                         for f in start_cbs:

@@ -934,17 +934,37 @@ def pid_of_block(b):
 
 
 def test_a_task_name_never_measured_forks():
-    """Known names: the graph's own (with dask's token), or the same name without
-    its token (``pid_block``, as dask names a task by its function): a task of a
-    new function forks on its first call."""
+    """Known names: the graph's own (with dask's token); a task of a new function,
+    or a new task under a known function's name, forks on its first call."""
     x = da.from_array(dask_sharedmem.ones(1000), chunks=100)
     pids = x.map_blocks(pid_block, chunks=(1,))
     assert os.getpid() not in pids.compute(scheduler="sharedmem")
     assert set(pids.compute(scheduler="sharedmem")) == {os.getpid()}  # the same graph: here
     again = (x + 1).map_blocks(pid_block, chunks=(1,))  # a new token, fused: "pid_block"
+    assert os.getpid() not in again.compute(scheduler="sharedmem")
     assert set(again.compute(scheduler="sharedmem")) == {os.getpid()}
     other = x.map_blocks(pid_of_block, chunks=(1,))  # a new function: workers
     assert os.getpid() not in other.compute(scheduler="sharedmem")
+
+
+def slow_block(b):
+    time.sleep(0.2)
+    return b
+
+
+def test_a_new_graph_under_names_known_without_their_token_forks(sessions):
+    """dask names a fused task from its first and last layers: the roots of a
+    new, slow ``x.map_blocks(f).sum()`` are ``array-sum-<token>``, as are those
+    of a trivial ``x.sum()`` measured before.  Known only without its token a
+    root could be anything: the slow graph forks (0.4 s on 2 workers, 0.8 s
+    here).  The keys that ``compute`` names anew each call (``finalize-...``)
+    are still known without their token: the trivial sum again runs here."""
+    x = da.from_array(np.ones(4000), chunks=1000)
+    assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert x.map_blocks(slow_block).sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert sessions == [2, 2]
+    assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert sessions == [2, 2]
 
 
 def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions):
