@@ -42,17 +42,34 @@ after it, every page the caller or a worker writes (and Python writes a
 reference count with every object it touches) is copied once, about 1,400
 pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
 -- 20-25 ms on a VM whose page faults cost 3-4 us, 5-10 ms on bare metal.
-Each call updates an estimate of each key name's tasks (the mean of
-those run here; bounds from those run in workers, see ``_estimate``); a
-graph whose every key name is known -- by its name
-with dask's token, or without it (``key_split``) for a task that waits
-only for tasks known so (``compute`` names its final keys anew each call;
-a root known without its token may be new work, see ``_runs_here``) --
-and whose tasks add up to less than dask
-config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here, one
-task after another, as dask's ``sync`` scheduler would: a worker could not
-return its result sooner.  The first call of a new graph forks; a graph
-that ran slower here is measured again, and its next call forks.
+So a graph whose tasks, as measured in earlier calls, add up to less than
+dask config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here,
+one task after another, as dask's ``sync`` scheduler would: a worker could
+not return its result sooner.  The rule: **a wrong guess may cost one
+fork, never a serial run of parallel work.**  Three things keep it:
+
+* Each key name keeps an estimate of its tasks (``_estimate``): the mean
+  of those run here, which is what running them here again costs; from
+  workers, whose tasks pay for their first touches of pages after the
+  fork, a range: at least the fastest (a warm task) and a tenth of the
+  mean, at most the mean.  A name's fastest task alone said that four
+  chunks of 0.5 s beside a chunk of one element were quick.
+* A key is known by its name with dask's token; by the name without it
+  (``key_split``) only where ``compute`` renamed the same task (its final
+  keys, ``finalize-hlgfinalizecompute-<uuid>``): a task that waits for
+  tasks known so.  Never a root: dask names a fused task from its first
+  and last layers, and a new ``x.map_blocks(slow).sum()`` has the
+  ``array-sum`` roots of a trivial ``x.sum()`` (``_runs_here``).
+* A run here that has taken twice ``sharedmem.inline`` (``_OVERRUN``)
+  while tasks that workers would run are left stops, and forks workers for
+  them: the state dict goes on, the results made here are in the workers'
+  memory as the graph's data is (never sent), callbacks see one compute.
+  A wrong estimate thus costs about twice the limit, or one task that is
+  longer, and one fork -- where forking is safe: a graph whose partd store
+  (dask's disk shuffle) was made here finishes here (forksafe.py).
+
+The first call of a new graph forks; each call measures what it ran, so
+that a graph which ran slower here than estimated forks next time.
 
 Each worker has up to two batches in flight, so it never waits for the
 parent between tasks -- for slow tasks only while many are ready, since a
@@ -66,11 +83,13 @@ running.
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
+from itertools import chain
 from typing import Any
 
 import dask
@@ -99,6 +118,7 @@ _BATCH_SECONDS = 0.005
 _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 _INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
+_OVERRUN = 2  # times sharedmem.inline after which a run in the caller forks for the rest
 
 #: key name (a tuple key's first element) -> seconds that one of its tasks is
 #: expected to take here (see _estimate); and the same by the name without dask's token
@@ -234,12 +254,20 @@ def _runs_here(state: dict, ntasks: int, limit: float, keyorder: dict) -> bool:
 
 
 def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
-                pretask_cbs: list, posttask_cbs: list, timings: _Timings) -> None:
-    """Run the graph in this process, in dask's order, as dask's sync scheduler would."""
+                pretask_cbs: list, posttask_cbs: list, timings: _Timings, until: float) -> bool:
+    """Run the graph in this process, in dask's order, as dask's sync scheduler would.
+
+    Past ``until`` (``time.perf_counter()``) it stops, and says so (False),
+    if tasks are left that workers would run.
+    """
     cache = state["cache"]
     ready = state["ready"]
     dependencies = state["dependencies"]
     while ready:
+        if time.perf_counter() > until:
+            if not _joins(dsk, wanted).issuperset(chain(ready, state["waiting"])):
+                return False
+            until = math.inf  # what is left would run here anyway
         key = ready.pop()
         state["running"].add(key)
         for f in pretask_cbs:
@@ -253,6 +281,7 @@ def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
         for f in posttask_cbs:
             f(key, res, dsk, state, 0)
         del res, data
+    return True
 
 
 def _num_workers(num_workers: Any) -> int:
@@ -409,13 +438,26 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                             continue
                     for f in start_state_cbs:
                         f(dsk, state)
-                    _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
-                                timings)
+                    if _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                   timings, time.perf_counter() + _OVERRUN * limit):
+                        break
+                    runnable, targets, pickled = forksafe.prepare(dsk)
+                    if pickled & state["finished"]:
+                        # a result made here from the graph as it was (a buffered partd
+                        # store that tasks here wrote to) would go wrong in workers
+                        _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                    timings, math.inf)
+                    else:  # slower than estimated: workers for the rest, callbacks as they are
+                        left = len(state["ready"]) + len(state["waiting"])
+                        _run(dsk, runnable, targets, state, wanted, keyorder,
+                             min(nworkers, left), threshold, [], [], pretask_cbs,
+                             posttask_cbs, started, timings)
                     break
+                runnable, targets, _ = forksafe.prepare(dsk)
                 try:
-                    _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
-                         start_cbs if not started else [], start_state_cbs, pretask_cbs,
-                         posttask_cbs, started, timings)
+                    _run(dsk, runnable, targets, state, wanted, keyorder,
+                         min(nworkers, ntasks), threshold, start_cbs if not started else [],
+                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings)
                 except _GraphChanged:  # fork again, with what the callbacks put in
                     continue
                 break
@@ -465,10 +507,12 @@ def _plain(cache: dict, wanted: set) -> dict:
     return cache
 
 
-def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
-         threshold: int | None, start_cbs: list, start_state_cbs: list,
-         pretask_cbs: list, posttask_cbs: list, started: list, timings: _Timings) -> None:
-    """Fork the workers and run the graph on them.
+def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: set,
+         keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
+         start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
+         timings: _Timings) -> None:
+    """Fork the workers and run the graph on them (``runnable``: ``dsk`` as
+    ``forksafe.prepare`` makes it safe to fork with, the stores' ``targets``).
 
     ``start`` callbacks run after the fork, since they may start threads
     (ProgressBar) or processes (ResourceProfiler) that forked workers must not
@@ -477,7 +521,6 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     with the new graph, as dask's own schedulers would run it.
     """
     before = dict(dsk) if start_cbs else None
-    runnable, targets = forksafe.prepare(dsk)
     here = _joins(runnable, wanted)
     cache = state["cache"]
     ready = state["ready"]

@@ -7,6 +7,7 @@ runs under a timeout (an error must arrive, never a hang) and the
 behind, after errors too).  Nothing here asserts on timing.
 """
 
+import collections
 import faulthandler
 import io
 import operator
@@ -965,6 +966,60 @@ def test_a_new_graph_under_names_known_without_their_token_forks(sessions):
     assert sessions == [2, 2]
     assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 4000
     assert sessions == [2, 2]
+
+
+def test_a_run_in_the_caller_slower_than_estimated_forks_for_the_rest(sessions):
+    """An estimate can be wrong (tasks that became slow, a name known without its
+    token): a run here that has taken twice ``sharedmem.inline`` stops and forks
+    workers for what is left, which find the results made here in their own
+    memory.  Callbacks see one compute, and every task once."""
+    delay = [0.0]
+    where = dask_sharedmem.zeros(8, dtype="i8")  # the process that made each chunk
+
+    def chunk(i):
+        time.sleep(delay[0])
+        where[i] = os.getpid()
+        return np.full(100_000, float(i))  # 800 KB: made in a worker, it is shared memory
+
+    def total(a):
+        return float(a.sum())
+
+    dsk = {("c", i): (chunk, i) for i in range(8)}
+    dsk.update({("t", i): (total, ("c", i)) for i in range(8)})
+    keys = [("t", i) for i in range(8)]
+    seen = collections.Counter()
+
+    class Watch(Callback):
+        def _start(self, dsk):
+            seen["start"] += 1
+
+        def _start_state(self, dsk, state):
+            seen["start_state"] += 1
+
+        def _pretask(self, key, dsk, state):
+            seen["pretask"] += 1
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            seen["posttask"] += 1
+
+        def _finish(self, dsk, state, errored):
+            seen["finish", errored] += 1
+
+    out = io.StringIO()
+    with dask.config.set({"sharedmem.inline": 0.05}):  # a margin for the estimates here
+        dask_sharedmem.get(dsk, keys, num_workers=2)
+        dask_sharedmem.get(dsk, keys, num_workers=2)
+        assert set(where) == {os.getpid()}
+        delay[0] = 0.1  # 0.8 s here, 0.4 s on two workers
+        with Watch(), ProgressBar(out=out, dt=0.01), Profiler() as prof:
+            got = dask_sharedmem.get(dsk, keys, num_workers=2)
+    assert got == tuple(100_000.0 * i for i in range(8))
+    assert os.getpid() in where and len(set(where)) > 1  # begun here, ended in workers
+    assert sessions == [2, 2]
+    assert seen == {"start": 1, "start_state": 1, "pretask": 16, "posttask": 16,
+                    ("finish", False): 1}
+    assert "100%" in out.getvalue()
+    assert sorted(r.key for r in prof.results) == sorted(dsk)
 
 
 def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions):
