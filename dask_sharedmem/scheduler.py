@@ -48,12 +48,14 @@ one task after another, as dask's ``sync`` scheduler would: a worker could
 not return its result sooner.  The rule: **a wrong guess may cost one
 fork, never a serial run of parallel work.**  Three things keep it:
 
-* Each key name keeps an estimate of its tasks (``_estimate``): the mean
-  of those run here, which is what running them here again costs; from
-  workers, whose tasks pay for their first touches of pages after the
-  fork, a range: at least the fastest (a warm task) and a tenth of the
-  mean, at most the mean.  A name's fastest task alone said that four
-  chunks of 0.5 s beside a chunk of one element were quick.
+* Each key name keeps an estimate of its tasks (``_estimate``), never
+  its fastest task alone, which said that four chunks of 0.5 s beside a
+  chunk of one element were quick.  From a run here: the median, and at
+  least a tenth of the mean (the first writes after a fork, or another
+  process, delay a task or two; ten times the others is work); from a run
+  here that overran: the mean of all of them; from workers, whose tasks
+  pay for their first touches of pages after the fork: a range, at least
+  the fastest (a warm task) and a tenth of the mean, at most the mean.
 * A key is known by its name with dask's token; by the name without it
   (``key_split``) only where ``compute`` renamed the same task (its final
   keys, ``finalize-hlgfinalizecompute-<uuid>``): a task that waits for
@@ -85,6 +87,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 import sys
 import time
 from collections import deque
@@ -125,7 +128,8 @@ _OVERRUN = 2  # times sharedmem.inline after which a run in the caller forks for
 _DURATIONS: dict[Any, float] = {}
 _BY_PREFIX: dict[str, float] = {}
 _DURATIONS_MAX = 10_000
-#: how many times slower page faults make a worker's tasks than the caller's, on average, at most
+#: how many times a name's mean task may exceed its typical task before that is its work:
+#: more than page faults after a fork (in workers) or delays (here) explain
 _SLOWDOWN = 10
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
@@ -139,11 +143,12 @@ def _name(key: Any) -> Any:
 class _Timings:
     """Seconds of each task of one call, by key name: run here, or in a worker."""
 
-    __slots__ = ("here", "there")
+    __slots__ = ("here", "overran", "there")
 
     def __init__(self) -> None:
         self.here: dict[Any, list[float]] = {}
         self.there: dict[Any, list[float]] = {}
+        self.overran = False  # the run here took longer than estimated, see _OVERRUN
 
 
 def _remember(timings: _Timings) -> None:
@@ -159,40 +164,52 @@ def _remember(timings: _Timings) -> None:
         _BY_PREFIX.clear()
     for name in names:
         here, there = timings.here.get(name, ()), timings.there.get(name, ())
-        _DURATIONS[name] = _estimate(_DURATIONS.get(name), here, there)
+        _DURATIONS[name] = _estimate(_DURATIONS.get(name), here, there, timings.overran)
         prefix = _prefix(name)
         if prefix is not None:
-            _BY_PREFIX[prefix] = _estimate(_BY_PREFIX.get(prefix), here, there)
+            _BY_PREFIX[prefix] = _estimate(_BY_PREFIX.get(prefix), here, there,
+                                           timings.overran)
 
 
-def _estimate(old: float | None, here: Sequence[float], there: Sequence[float]) -> float:
+def _estimate(old: float | None, here: Sequence[float], there: Sequence[float],
+              overran: bool) -> float:
     """Seconds that a task of a name will take here, from this call's tasks of
     it (run ``here``, or ``there`` in workers) and the estimate before (``old``).
 
-    The mean of the tasks run here is what running them here again costs.
-    A worker's tasks are slower: each pays for the pages it touches first
-    after the fork (copies of the caller's heap, its shared inputs), for the
-    4 MB chunks of a 32 MB ``(x + 1).sum()`` 2.5 to 3.5 times the caller's time
-    on average, single tasks up to 10 times.  So workers bound the estimate:
-    at most their mean; at least their fastest task (taken as a warm one),
-    and at least their mean over ``_SLOWDOWN``, which page faults do not
-    explain: four chunks of 0.5 s beside a last chunk of 0.1 ms are slow
-    work, not a 0.1 ms name.  An estimate within those bounds stays (what
-    was measured here is not undone by the workers); one outside moves to
-    the nearer bound (the tasks became quicker, or slower).
+    * Tasks that ran here, in a run that finished here: their median, robust
+      to a task that something else delayed (the caller's first writes after
+      a fork copy its pages: 6.9 and 2.2 ms for the first two 0.9 ms chunks
+      of a 32 MB ``(x + 1).sum()``; another process got the core), and at
+      least their mean over ``_SLOWDOWN``: a few tasks much slower than the
+      others are work, not delays.
+    * A call whose run here ``overran`` its estimate and forked for the
+      rest: the mean of all the name's tasks, here and in workers, the most
+      they cost; it showed the estimate wrong.
+    * Tasks that ran only in workers, where each pays for the pages it
+      touches first after the fork (copies of the caller's heap, its shared
+      inputs): for those chunks 2.5 to 3.5 times the caller's time on
+      average, single ones up to 10 times.  So workers give a range: at most
+      their mean; at least their fastest (taken as a warm task) and their
+      mean over ``_SLOWDOWN``, which page faults do not explain (four chunks
+      of 0.5 s beside a last chunk of 0.1 ms are slow work, not a 0.1 ms
+      name).  An estimate within the range stays (what was measured here is
+      not undone by the workers); one outside it was wrong, or the tasks
+      changed: the low end, which a run here corrects if need be.
 
-    >>> _estimate(None, [], [0.5, 0.5, 0.5, 0.5, 0.0001])  # not 0.0001
+    >>> _estimate(None, [], [0.5, 0.5, 0.5, 0.5, 0.0001], False)  # not 0.0001
     0.040...
-    >>> _estimate(0.001, [], [0.003, 0.0011, 0.0012])  # measured here before: kept
-    0.001...
+    >>> _estimate(0.0015, [], [0.003, 0.0011, 0.0012], False)  # measured here before: kept
+    0.0015
+    >>> _estimate(0.01, [], [0.003, 0.0011, 0.0012], False)  # a delay here: forgotten
+    0.0011
     """
-    if not there:
-        return sum(here) / len(here)
+    if here and (there or overran):
+        return (sum(here) + sum(there)) / (len(here) + len(there))
+    if here:
+        return max(statistics.median(here), sum(here) / len(here) / _SLOWDOWN)
     mean = sum(there) / len(there)
     low = max(min(there), mean / _SLOWDOWN)
-    if here:
-        return max(sum(here) / len(here), low)
-    return low if old is None else min(max(old, low), mean)
+    return old if old is not None and low <= old <= mean else low
 
 
 def _prefix(name: Any) -> str | None:
@@ -441,6 +458,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                     if _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
                                    timings, time.perf_counter() + _OVERRUN * limit):
                         break
+                    timings.overran = True
                     runnable, targets, pickled = forksafe.prepare(dsk)
                     if pickled & state["finished"]:
                         # a result made here from the graph as it was (a buffered partd

@@ -1020,6 +1020,28 @@ def test_a_run_in_the_caller_slower_than_estimated_forks_for_the_rest(sessions):
                     ("finish", False): 1}
     assert "100%" in out.getvalue()
     assert sorted(r.key for r in prof.results) == sorted(dsk)
+    with dask.config.set({"sharedmem.inline": 0.05}):  # measured: the next call forks
+        assert dask_sharedmem.get(dsk, keys, num_workers=2) == got
+    assert sessions == [2, 2, 2]
+
+
+def test_a_task_delayed_once_here_leaves_the_graph_here(sessions):
+    """One task that something else delayed (the first writes after a fork,
+    another process) does not make the name slow: its median task is kept."""
+    late = [None]
+
+    def work(i):
+        if i == late[0]:
+            time.sleep(0.06)  # more than sharedmem.inline for the whole graph
+        return i
+
+    dsk = {("w", i): (work, i) for i in range(8)}
+    keys = list(dsk)
+    with dask.config.set({"sharedmem.inline": 0.05}):
+        for delayed in (None, None, 3, None):
+            late[0] = delayed
+            assert dask_sharedmem.get(dsk, keys, num_workers=2) == tuple(range(8))
+    assert len(sessions) == 1  # the first call
 
 
 def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions):
