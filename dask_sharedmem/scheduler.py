@@ -365,7 +365,8 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     A graph whose tasks were all measured in earlier calls as quicker, in
     all, than dask config ``sharedmem.inline`` seconds (0.02; 0 turns this
     off) runs in this process instead, as dask's ``sync`` scheduler would:
-    forking would cost more.
+    forking would cost more.  If it takes twice that long here, workers are
+    forked for the tasks left (see the module docstring).
 
     Parameters
     ----------
