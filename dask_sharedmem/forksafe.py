@@ -82,11 +82,15 @@ class _Stored:
         return _Stored, (self.ident,)
 
 
-def prepare(dsk: Mapping) -> tuple[Mapping, list]:
-    """The graph to fork with, and the store targets the parent writes for workers.
+def prepare(dsk: Mapping) -> tuple[Mapping, list, set]:
+    """The graph to fork with, the store targets the parent writes for workers,
+    and the keys whose tasks hold objects replaced by their pickle.
 
     The graph is copied only if something in it needs a change.  Targets are
     ``(target, lock)`` pairs, numbered as :func:`_store_chunk` names them.
+    The keys say which results are unsafe in forked workers if the caller
+    computed them before the fork from the graph as it was (a buffered partd
+    store that tasks in the caller already wrote to).
 
     >>> import operator
     >>> dsk = {"x": Task("x", operator.add, 1, 2)}
@@ -97,16 +101,17 @@ def prepare(dsk: Mapping) -> tuple[Mapping, list]:
     pickled = tuple(t for t in (getattr(sys.modules.get(m), n, None) for m, n in _PICKLE_FIRST)
                     if isinstance(t, type))
     if store is None and not pickled:
-        return dsk, []
+        return dsk, [], set()
     audit = _Audit(dsk, store, pickled)
     changed = {}
     for key, node in dsk.items():
+        audit.key = key
         new = audit.node(node, None)
         if new is not node:
             changed[key] = new
     if not changed:
-        return dsk, []
-    return {**dsk, **changed}, audit.targets
+        return dsk, [], set()
+    return {**dsk, **changed}, audit.targets, audit.pickled_keys
 
 
 class _Audit:
@@ -115,6 +120,8 @@ class _Audit:
         self.store = store
         self.pickled = pickled
         self.targets: list[tuple[Any, Any]] = []
+        self.key: Any = None  # the key whose node is being audited
+        self.pickled_keys: set = set()
         self.signature = inspect.signature(store) if store is not None else None
 
     def node(self, node: Any, scope: dict | None) -> Any:
@@ -163,6 +170,7 @@ class _Audit:
         return node
 
     def _value(self, obj: Any) -> Any:
+        self.pickled_keys.add(self.key)
         return pickle.loads(pickle.dumps(obj))
 
     def _store(self, node: Task, scope: dict | None) -> functools.partial:

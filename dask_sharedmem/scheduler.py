@@ -42,14 +42,36 @@ after it, every page the caller or a worker writes (and Python writes a
 reference count with every object it touches) is copied once, about 1,400
 pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
 -- 20-25 ms on a VM whose page faults cost 3-4 us, 5-10 ms on bare metal.
-Each call records the fastest task of each key name (in workers or here,
-see ``_remember``); a graph whose every key name is known -- by its name
-with dask's token, or without it (``key_split``: ``compute`` names its
-final keys anew each call) -- and whose tasks add up to less than dask
-config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here, one
-task after another, as dask's ``sync`` scheduler would: a worker could not
-return its result sooner.  The first call of a new graph forks; a graph
-that ran slower here is measured again, and its next call forks.
+So a graph whose tasks, as measured in earlier calls, add up to less than
+dask config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here,
+one task after another, as dask's ``sync`` scheduler would: a worker could
+not return its result sooner.  The rule: **a wrong guess may cost one
+fork, never a serial run of parallel work.**  Three things keep it:
+
+* Each key name keeps an estimate of its tasks (``_estimate``), never
+  its fastest task alone, which said that four chunks of 0.5 s beside a
+  chunk of one element were quick.  From a run here: the median, and at
+  least a tenth of the mean (the first writes after a fork, or another
+  process, delay a task or two; ten times the others is work); from a run
+  here that overran: the mean of all of them; from workers, whose tasks
+  pay for their first touches of pages after the fork: a range, at least
+  the fastest (a warm task) and a tenth of the mean, at most the mean.
+* A key is known by its name with dask's token; by the name without it
+  (``key_split``) only where ``compute`` renamed the same task (its final
+  keys, ``finalize-hlgfinalizecompute-<uuid>``): a task that waits for
+  tasks known so.  Never a root: dask names a fused task from its first
+  and last layers, and a new ``x.map_blocks(slow).sum()`` has the
+  ``array-sum`` roots of a trivial ``x.sum()`` (``_runs_here``).
+* A run here that has taken twice ``sharedmem.inline`` (``_OVERRUN``)
+  while tasks that workers would run are left stops, and forks workers for
+  them: the state dict goes on, the results made here are in the workers'
+  memory as the graph's data is (never sent), callbacks see one compute.
+  A wrong estimate thus costs about twice the limit, or one task that is
+  longer, and one fork -- where forking is safe: a graph whose partd store
+  (dask's disk shuffle) was made here finishes here (forksafe.py).
+
+The first call of a new graph forks; each call measures what it ran, so
+that a graph which ran slower here than estimated forks next time.
 
 Each worker has up to two batches in flight, so it never waits for the
 parent between tasks -- for slow tasks only while many are ready, since a
@@ -63,14 +85,17 @@ running.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import pickle
+import statistics
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
+from itertools import chain
 from types import SimpleNamespace
 from typing import Any
 
@@ -100,12 +125,16 @@ _BATCH_SECONDS = 0.005
 _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
 _INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
+_OVERRUN = 2  # times sharedmem.inline after which a run in the caller forks for the rest
 
-#: key name (a tuple key's first element) -> seconds of its fastest task, in the
-#: last call that ran it; and the same by the name without dask's token
+#: key name (a tuple key's first element) -> seconds that one of its tasks is
+#: expected to take here (see _estimate); and the same by the name without dask's token
 _DURATIONS: dict[Any, float] = {}
 _BY_PREFIX: dict[str, float] = {}
 _DURATIONS_MAX = 10_000
+#: how many times a name's mean task may exceed its typical task before that is its work:
+#: more than page faults after a fork (in workers) or delays (here) explain
+_SLOWDOWN = 10
 
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
                                            "threshold": channel.DEFAULT_THRESHOLD,
@@ -116,25 +145,76 @@ def _name(key: Any) -> Any:
     return key[0] if type(key) is tuple and key else key
 
 
-def _remember(timings: dict) -> None:
-    """Keep each key name's fastest task time of this call (``timings``: name -> seconds).
+class _Timings:
+    """Seconds of each task of one call, by key name: run here, or in a worker."""
 
-    The fastest, not the mean: in a worker every task pays for the pages it
-    touches first after the fork (copies of the caller's heap, its shared
-    inputs), 3 to 10 times a warm task's time for a 4 MB chunk here, and a
-    task run here would not.  A guess too low costs one call, which measures
-    the tasks again, here.  Each is also kept by its name without the token
-    (dask's ``key_split``: ``sum``, ``finalize-hlgfinalizecompute``), for
-    names that dask makes anew for every ``compute``.
+    __slots__ = ("here", "overran", "there")
+
+    def __init__(self) -> None:
+        self.here: dict[Any, list[float]] = {}
+        self.there: dict[Any, list[float]] = {}
+        self.overran = False  # the run here took longer than estimated, see _OVERRUN
+
+
+def _remember(timings: _Timings) -> None:
+    """Update each key name's estimate with this call's tasks (see :func:`_estimate`).
+
+    Each is also kept by its name without the token (dask's ``key_split``:
+    ``sum``, ``finalize-hlgfinalizecompute``), for names that dask makes anew
+    for every ``compute`` (see :func:`_runs_here`).
     """
-    if len(_DURATIONS) + len(timings) > _DURATIONS_MAX:
+    names = timings.here.keys() | timings.there.keys()
+    if len(_DURATIONS) + len(names) > _DURATIONS_MAX:
         _DURATIONS.clear()
         _BY_PREFIX.clear()
-    for name, seconds in timings.items():
-        _DURATIONS[name] = least = min(seconds)
+    for name in names:
+        here, there = timings.here.get(name, ()), timings.there.get(name, ())
+        _DURATIONS[name] = _estimate(_DURATIONS.get(name), here, there, timings.overran)
         prefix = _prefix(name)
         if prefix is not None:
-            _BY_PREFIX[prefix] = least
+            _BY_PREFIX[prefix] = _estimate(_BY_PREFIX.get(prefix), here, there,
+                                           timings.overran)
+
+
+def _estimate(old: float | None, here: Sequence[float], there: Sequence[float],
+              overran: bool) -> float:
+    """Seconds that a task of a name will take here, from this call's tasks of
+    it (run ``here``, or ``there`` in workers) and the estimate before (``old``).
+
+    * Tasks that ran here, in a run that finished here: their median, robust
+      to a task that something else delayed (the caller's first writes after
+      a fork copy its pages: 6.9 and 2.2 ms for the first two 0.9 ms chunks
+      of a 32 MB ``(x + 1).sum()``; another process got the core), and at
+      least their mean over ``_SLOWDOWN``: a few tasks much slower than the
+      others are work, not delays.
+    * A call whose run here ``overran`` its estimate and forked for the
+      rest: the mean of all the name's tasks, here and in workers, the most
+      they cost; it showed the estimate wrong.
+    * Tasks that ran only in workers, where each pays for the pages it
+      touches first after the fork (copies of the caller's heap, its shared
+      inputs): for those chunks 2.5 to 3.5 times the caller's time on
+      average, single ones up to 10 times.  So workers give a range: at most
+      their mean; at least their fastest (taken as a warm task) and their
+      mean over ``_SLOWDOWN``, which page faults do not explain (four chunks
+      of 0.5 s beside a last chunk of 0.1 ms are slow work, not a 0.1 ms
+      name).  An estimate within the range stays (what was measured here is
+      not undone by the workers); one outside it was wrong, or the tasks
+      changed: the low end, which a run here corrects if need be.
+
+    >>> _estimate(None, [], [0.5, 0.5, 0.5, 0.5, 0.0001], False)  # not 0.0001
+    0.040...
+    >>> _estimate(0.0015, [], [0.003, 0.0011, 0.0012], False)  # measured here before: kept
+    0.0015
+    >>> _estimate(0.01, [], [0.003, 0.0011, 0.0012], False)  # a delay here: forgotten
+    0.0011
+    """
+    if here and (there or overran):
+        return (sum(here) + sum(there)) / (len(here) + len(there))
+    if here:
+        return max(statistics.median(here), sum(here) / len(here) / _SLOWDOWN)
+    mean = sum(there) / len(there)
+    low = max(min(there), mean / _SLOWDOWN)
+    return old if old is not None and low <= old <= mean else low
 
 
 def _prefix(name: Any) -> str | None:
@@ -156,33 +236,60 @@ def _inline_limit() -> float:
     return float(value)
 
 
-def _runs_here(state: dict, ntasks: int, limit: float) -> bool:
-    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``."""
+def _runs_here(state: dict, ntasks: int, limit: float, keyorder: dict) -> bool:
+    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``.
+
+    A task is known by its key's name; by the name without dask's token only
+    where that is dask renaming the same task for each ``compute``
+    (``finalize-hlgfinalizecompute-<uuid>``, ``sum-aggregate-finalize-...``):
+    a task that waits for other tasks, each of them known.  A root (a task
+    whose inputs are all data) is known only by its own name: under a known
+    name without the token it may do new work, since dask names fused tasks
+    from their first and last layers (the ``array-sum-<token>`` of a new,
+    slow ``x.map_blocks(f).sum()`` is the ``array-sum`` of a trivial
+    ``x.sum()`` measured before).
+    """
     estimate = ntasks * _INLINE_PER_TASK
     if estimate >= limit:
         return False
-    for keys in (state["ready"], state["waiting"]):
+    waiting = state["waiting"]
+    renamed = []
+    for keys in (state["ready"], waiting):
         for key in keys:
             name = _name(key)
             seconds = _DURATIONS.get(name)
             if seconds is None:
                 prefix = _prefix(name)
-                seconds = None if prefix is None else _BY_PREFIX.get(prefix)
-            if seconds is None:
-                return False
+                if prefix is None or key not in waiting or prefix not in _BY_PREFIX:
+                    return False
+                seconds = _BY_PREFIX[prefix]
+                renamed.append(key)
             estimate += seconds
             if estimate >= limit:
                 return False
+    known: set = set()
+    for key in sorted(renamed, key=keyorder.__getitem__):  # a task after its dependencies
+        if not all(d in known or _name(d) in _DURATIONS for d in waiting[key]):
+            return False
+        known.add(key)
     return True
 
 
 def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
-                pretask_cbs: list, posttask_cbs: list, timings: dict) -> None:
-    """Run the graph in this process, in dask's order, as dask's sync scheduler would."""
+                pretask_cbs: list, posttask_cbs: list, timings: _Timings, until: float) -> bool:
+    """Run the graph in this process, in dask's order, as dask's sync scheduler would.
+
+    Past ``until`` (``time.perf_counter()``) it stops, and says so (False),
+    if tasks are left that workers would run.
+    """
     cache = state["cache"]
     ready = state["ready"]
     dependencies = state["dependencies"]
     while ready:
+        if time.perf_counter() > until:
+            if not _joins(dsk, wanted).issuperset(chain(ready, state["waiting"])):
+                return False
+            until = math.inf  # what is left would run here anyway
         key = ready.pop()
         state["running"].add(key)
         for f in pretask_cbs:
@@ -190,12 +297,13 @@ def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
         data = {d: cache[d] for d in dependencies[key]}
         t0 = time.perf_counter()
         res = dsk[key](data)
-        timings.setdefault(_name(key), []).append(time.perf_counter() - t0)
+        timings.here.setdefault(_name(key), []).append(time.perf_counter() - t0)
         cache[key] = res
         finish_task(dsk, key, state, wanted, keyorder.get)
         for f in posttask_cbs:
             f(key, res, dsk, state, 0)
         del res, data
+    return True
 
 
 def _num_workers(num_workers: Any) -> int:
@@ -262,7 +370,8 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     A graph whose tasks were all measured in earlier calls as quicker, in
     all, than dask config ``sharedmem.inline`` seconds (0.02; 0 turns this
     off) runs in this process instead, as dask's ``sync`` scheduler would:
-    forking would cost more.
+    forking would cost more.  If it takes twice that long here, workers are
+    forked for the tasks left (see the module docstring).
 
     Parameters
     ----------
@@ -326,7 +435,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
         state: dict = {}
         started: list = []
-        timings: dict = {}  # key name -> seconds of each of its tasks: see _remember
+        timings = _Timings()
         ntasks = 0
         succeeded = False
         try:
@@ -342,7 +451,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         f(dsk)
                         started.append(f)
                     break
-                if _runs_here(state, ntasks, limit):
+                if _runs_here(state, ntasks, limit, keyorder):
                     if not started:
                         before = dict(dsk) if start_cbs else None
                         for f in start_cbs:
@@ -352,13 +461,27 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                             continue
                     for f in start_state_cbs:
                         f(dsk, state)
-                    _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
-                                timings)
+                    if _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                   timings, time.perf_counter() + _OVERRUN * limit):
+                        break
+                    timings.overran = True
+                    runnable, targets, pickled = forksafe.prepare(dsk)
+                    if pickled & state["finished"]:
+                        # a result made here from the graph as it was (a buffered partd
+                        # store that tasks here wrote to) would go wrong in workers
+                        _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                    timings, math.inf)
+                    else:  # slower than estimated: workers for the rest, callbacks as they are
+                        left = len(state["ready"]) + len(state["waiting"])
+                        _run(dsk, runnable, targets, state, wanted, keyorder,
+                             min(nworkers, left), threshold, [], [], pretask_cbs,
+                             posttask_cbs, started, timings)
                     break
+                runnable, targets, _ = forksafe.prepare(dsk)
                 try:
-                    _run(dsk, state, wanted, keyorder, min(nworkers, ntasks), threshold,
-                         start_cbs if not started else [], start_state_cbs, pretask_cbs,
-                         posttask_cbs, started, timings)
+                    _run(dsk, runnable, targets, state, wanted, keyorder,
+                         min(nworkers, ntasks), threshold, start_cbs if not started else [],
+                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings)
                 except _GraphChanged:  # fork again, with what the callbacks put in
                     continue
                 break
@@ -408,10 +531,12 @@ def _plain(cache: dict, wanted: set) -> dict:
     return cache
 
 
-def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
-         threshold: int | None, start_cbs: list, start_state_cbs: list,
-         pretask_cbs: list, posttask_cbs: list, started: list, timings: dict) -> None:
-    """Fork the workers and run the graph on them.
+def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: set,
+         keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
+         start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
+         timings: _Timings) -> None:
+    """Fork the workers and run the graph on them (``runnable``: ``dsk`` as
+    ``forksafe.prepare`` makes it safe to fork with, the stores' ``targets``).
 
     ``start`` callbacks run after the fork, since they may start threads
     (ProgressBar) or processes (ResourceProfiler) that forked workers must not
@@ -420,7 +545,6 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
     with the new graph, as dask's own schedulers would run it.
     """
     before = dict(dsk) if start_cbs else None
-    runnable, targets = forksafe.prepare(dsk)
     here = _joins(runnable, wanted)
     cache = state["cache"]
     ready = state["ready"]
@@ -548,7 +672,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"a result that task {key!r} joins could not be "
                                          f"unpickled in the parent: {e}") from e.__cause__
-        timings.setdefault(_name(key), []).append(time.perf_counter() - began)
+        timings.here.setdefault(_name(key), []).append(time.perf_counter() - began)
         finish(key, res, nworkers)
 
     def finish(key: Any, res: Any, rank: int) -> None:
@@ -620,7 +744,7 @@ def _run(dsk: Mapping, state: dict, wanted: set, keyorder: dict, nworkers: int,
                 # could leave a worker idle at the end, so only while many are ready
                 depth = 2 if seconds < _PREFETCH_BELOW or len(ready) >= 4 * nworkers else 1
                 for key, res, took in out:
-                    timings.setdefault(_name(key), []).append(took)
+                    timings.there.setdefault(_name(key), []).append(took)
                     finish(key, res, rank)
                 del out, key, res
                 for other in range(nworkers):

@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import dask
 import dask.array as da
@@ -58,6 +59,36 @@ def test_disk_shuffle_gives_every_row(make):
     pd.testing.assert_frame_equal(canonical(here), canonical(threads))
 
 
+def test_a_partd_store_made_in_the_caller_keeps_its_graph_there(sessions):
+    """A graph run in the caller forks for the rest when it overruns its estimate
+    (scheduler.py), but not once a partd store of dask's disk shuffle was made
+    here: buffered, as it is in one process, workers would write into private
+    copies of its buffer, and rows would be lost.  (``compute`` names the store
+    anew for every call, and a shuffle's tasks take 10-80 ms in workers: the
+    graph here, a shuffle's shape, is given again by hand.)"""
+    from dask.dataframe.shuffle import maybe_buffered_partd
+
+    delay = [0.0]
+
+    def append(p, i):
+        time.sleep(delay[0])
+        p.append({"rows": pd.DataFrame({"i": [i]})})
+
+    def collect(p, done):
+        return sorted(p.get("rows")["i"])
+
+    dsk = {"p": (maybe_buffered_partd(),)}
+    dsk.update({("append", i): (append, "p", i) for i in range(8)})
+    dsk["rows"] = (collect, "p", [("append", i) for i in range(8)])
+    with dask.config.set({"sharedmem.inline": 0.05}):
+        assert dask_sharedmem.get(dsk, "rows", num_workers=2) == list(range(8))
+        assert dask_sharedmem.get(dsk, "rows", num_workers=2) == list(range(8))
+        assert len(sessions) == 1  # the second call ran here
+        delay[0] = 0.05  # 0.4 s here: past twice sharedmem.inline after two appends
+        assert dask_sharedmem.get(dsk, "rows", num_workers=2) == list(range(8))
+    assert len(sessions) == 1
+
+
 def test_disk_shuffle_leaves_no_files_after_the_caller_exits(tmp_path):
     """The partd store is the caller's: its files go when the caller exits, as with threads."""
     script = subprocess_script(f"""
@@ -78,7 +109,7 @@ def test_prepare_leaves_a_graph_without_hazards_alone():
     dsk = dict(x.__dask_graph__())
     from dask._task_spec import convert_legacy_graph
     dsk = convert_legacy_graph(dsk)
-    assert forksafe.prepare(dsk) == (dsk, [])
+    assert forksafe.prepare(dsk) == (dsk, [], set())
 
 
 # -- writes to memory that is private to the caller -----------------------------------

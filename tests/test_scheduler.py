@@ -7,6 +7,7 @@ runs under a timeout (an error must arrive, never a hang) and the
 behind, after errors too).  Nothing here asserts on timing.
 """
 
+import collections
 import faulthandler
 import io
 import operator
@@ -922,6 +923,21 @@ def test_a_graph_that_became_slow_forks_again():
     assert dask_sharedmem.get(dsk, "x") != os.getpid()
 
 
+def sleepy(b):
+    time.sleep(0.2 * len(b) / 1000)  # 0.2 s for a full chunk, nothing for the last one
+    return b
+
+
+def test_a_name_of_slow_tasks_and_a_quick_one_keeps_forking(sessions):
+    """Four chunks of 0.2 s and a last chunk of one element: the name's fastest
+    task (0.1 ms) is not its time, and the same graph again forks, as threads
+    run it in parallel: run here it would take 0.8 s, not 0.4."""
+    x = da.from_array(np.ones(4001), chunks=1000).map_blocks(sleepy)
+    for _ in range(2):
+        assert x.compute(scheduler="sharedmem", num_workers=2).sum() == 4001
+    assert sessions == [2, 2]
+
+
 def pid_block(b):
     return np.full(1, os.getpid())
 
@@ -931,17 +947,113 @@ def pid_of_block(b):
 
 
 def test_a_task_name_never_measured_forks():
-    """Known names: the graph's own (with dask's token), or the same name without
-    its token (``pid_block``, as dask names a task by its function): a task of a
-    new function forks on its first call."""
+    """Known names: the graph's own (with dask's token); a task of a new function,
+    or a new task under a known function's name, forks on its first call."""
     x = da.from_array(dask_sharedmem.ones(1000), chunks=100)
     pids = x.map_blocks(pid_block, chunks=(1,))
     assert os.getpid() not in pids.compute(scheduler="sharedmem")
     assert set(pids.compute(scheduler="sharedmem")) == {os.getpid()}  # the same graph: here
     again = (x + 1).map_blocks(pid_block, chunks=(1,))  # a new token, fused: "pid_block"
+    assert os.getpid() not in again.compute(scheduler="sharedmem")
     assert set(again.compute(scheduler="sharedmem")) == {os.getpid()}
     other = x.map_blocks(pid_of_block, chunks=(1,))  # a new function: workers
     assert os.getpid() not in other.compute(scheduler="sharedmem")
+
+
+def slow_block(b):
+    time.sleep(0.2)
+    return b
+
+
+def test_a_new_graph_under_names_known_without_their_token_forks(sessions):
+    """dask names a fused task from its first and last layers: the roots of a
+    new, slow ``x.map_blocks(f).sum()`` are ``array-sum-<token>``, as are those
+    of a trivial ``x.sum()`` measured before.  Known only without its token a
+    root could be anything: the slow graph forks (0.4 s on 2 workers, 0.8 s
+    here).  The keys that ``compute`` names anew each call (``finalize-...``)
+    are still known without their token: the trivial sum again runs here."""
+    x = da.from_array(np.ones(4000), chunks=1000)
+    assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert x.map_blocks(slow_block).sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert sessions == [2, 2]
+    assert x.sum().compute(scheduler="sharedmem", num_workers=2) == 4000
+    assert sessions == [2, 2]
+
+
+def test_a_run_in_the_caller_slower_than_estimated_forks_for_the_rest(sessions):
+    """An estimate can be wrong (tasks that became slow, a name known without its
+    token): a run here that has taken twice ``sharedmem.inline`` stops and forks
+    workers for what is left, which find the results made here in their own
+    memory.  Callbacks see one compute, and every task once."""
+    delay = [0.0]
+    where = dask_sharedmem.zeros(8, dtype="i8")  # the process that made each chunk
+
+    def chunk(i):
+        time.sleep(delay[0])
+        where[i] = os.getpid()
+        return np.full(100_000, float(i))  # 800 KB: made in a worker, it is shared memory
+
+    def total(a):
+        return float(a.sum())
+
+    dsk = {("c", i): (chunk, i) for i in range(8)}
+    dsk.update({("t", i): (total, ("c", i)) for i in range(8)})
+    keys = [("t", i) for i in range(8)]
+    seen = collections.Counter()
+
+    class Watch(Callback):
+        def _start(self, dsk):
+            seen["start"] += 1
+
+        def _start_state(self, dsk, state):
+            seen["start_state"] += 1
+
+        def _pretask(self, key, dsk, state):
+            seen["pretask"] += 1
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            seen["posttask"] += 1
+
+        def _finish(self, dsk, state, errored):
+            seen["finish", errored] += 1
+
+    out = io.StringIO()
+    with dask.config.set({"sharedmem.inline": 0.05}):  # a margin for the estimates here
+        dask_sharedmem.get(dsk, keys, num_workers=2)
+        dask_sharedmem.get(dsk, keys, num_workers=2)
+        assert set(where) == {os.getpid()}
+        delay[0] = 0.1  # 0.8 s here, 0.4 s on two workers
+        with Watch(), ProgressBar(out=out, dt=0.01), Profiler() as prof:
+            got = dask_sharedmem.get(dsk, keys, num_workers=2)
+    assert got == tuple(100_000.0 * i for i in range(8))
+    assert os.getpid() in where and len(set(where)) > 1  # begun here, ended in workers
+    assert sessions == [2, 2]
+    assert seen == {"start": 1, "start_state": 1, "pretask": 16, "posttask": 16,
+                    ("finish", False): 1}
+    assert "100%" in out.getvalue()
+    assert sorted(r.key for r in prof.results) == sorted(dsk)
+    with dask.config.set({"sharedmem.inline": 0.05}):  # measured: the next call forks
+        assert dask_sharedmem.get(dsk, keys, num_workers=2) == got
+    assert sessions == [2, 2, 2]
+
+
+def test_a_task_delayed_once_here_leaves_the_graph_here(sessions):
+    """One task that something else delayed (the first writes after a fork,
+    another process) does not make the name slow: its median task is kept."""
+    late = [None]
+
+    def work(i):
+        if i == late[0]:
+            time.sleep(0.06)  # more than sharedmem.inline for the whole graph
+        return i
+
+    dsk = {("w", i): (work, i) for i in range(8)}
+    keys = list(dsk)
+    with dask.config.set({"sharedmem.inline": 0.05}):
+        for delayed in (None, None, 3, None):
+            late[0] = delayed
+            assert dask_sharedmem.get(dsk, keys, num_workers=2) == tuple(range(8))
+    assert len(sessions) == 1  # the first call
 
 
 def test_in_the_caller_results_errors_and_callbacks_are_as_with_threads(sessions):
