@@ -64,11 +64,13 @@ tblib's pickling is installed (``distributed`` does).  This pickler rebuilds eve
 exception in the message from its ``args`` and ``__dict__`` without calling a
 Python ``__init__``, with its chain, whatever is imported; what does not pickle
 (an attribute, a cause) is left out and named in the traceback text, and
-``str()`` is never needed.  :func:`unpack_exception` attaches the worker's
-traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
-followed by the original cause.  Only an exception that still cannot make the
-round trip (its ``args`` do not pickle, the parent cannot import its class) is
-replaced by a :class:`LostException` that keeps its type name, message and
+``str()`` is never needed; a class that pickle cannot find by name (defined
+inside a function) is the parent's own, found by identity (channel.py).
+:func:`unpack_exception` attaches the worker's traceback as the exception's
+``__cause__`` (as ``concurrent.futures`` does), followed by the original
+cause.  Only an exception that still cannot make the round trip (its ``args``
+do not pickle, its class was made in the worker and does not pickle by value)
+is replaced by a :class:`LostException` that keeps its type name, message and
 traceback text.
 
 Warnings issued in a worker come home too.  Each worker records them
@@ -381,7 +383,9 @@ class _ExceptionPickler(pickle.Pickler):
     changes both, so what came back would depend on what was imported.  Here
     an exception is rebuilt by :func:`_new_exception` with its ``args`` and
     ``__dict__``, and its chain -- unless its class has a ``__reduce__`` of its
-    own, which is then used as it is.
+    own, which is then used as it is.  A class that pickle cannot find by name
+    (one defined inside a function) crosses by identity, as a result's does
+    (``channel._reduce_by_identity``).
 
     ``lenient``: attributes, causes and contexts that do not pickle are left
     out, and described in ``dropped``.
@@ -394,7 +398,8 @@ class _ExceptionPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, BaseException):
-            return NotImplemented
+            return (channel._reduce_by_identity(obj) if isinstance(obj, channel._BY_IDENTITY)
+                    else NotImplemented)
         cls = type(obj)
         reduced = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if isinstance(reduced, str):
