@@ -168,6 +168,8 @@ class _Pickler(pickle.Pickler):
 
 #: what :func:`_reduce_by_identity` takes: the kinds of object pickle writes by name
 _BY_IDENTITY = (type, types.FunctionType)
+#: the classes that pickle writes by a rule of their own, not by name (``save_type``)
+_NAMELESS = (type(None), type(NotImplemented), type(...))
 
 #: (address, module, qualname) -> the class or function there, in this process: found
 #: by :func:`_by_identity`, or sent by :func:`_reduce_by_identity` (then a round trip
@@ -196,8 +198,8 @@ def _reduce_by_identity(obj: Any) -> Any:
     cloudpickle travels beside and rebuilds it, as dask's ``processes``
     scheduler would.  The sender cannot tell which case it is in, so it always
     pays for the cloudpickle (a quarter of a millisecond for a NamedTuple,
-    once per message).  ``NotImplemented`` (plain pickle, by name) for what
-    pickle finds by name, or pickles with a ``copyreg`` reducer of its type.
+    once per message).  ``NotImplemented`` (plain pickle) for what pickle
+    finds by name, or pickles by a rule of its own or a ``copyreg`` reducer.
 
     >>> square = lambda v: v * v
     >>> make, (address, module, qualname, by_value) = _reduce_by_identity(square)
@@ -206,14 +208,14 @@ def _reduce_by_identity(obj: Any) -> Any:
     >>> copy = make(0, module, qualname, by_value)  # not there: rebuilt by value
     >>> copy is square, copy(3)
     (False, 9)
-    >>> _reduce_by_identity(np.ndarray)
-    NotImplemented
+    >>> _reduce_by_identity(np.ndarray), _reduce_by_identity(type(None))
+    (NotImplemented, NotImplemented)
     """
     module, qualname = getattr(obj, "__module__", None), obj.__qualname__
     found = sys.modules.get(module) if isinstance(module, str) else None
     for part in qualname.split("."):
         found = getattr(found, part, None)
-    if found is obj or type(obj) in copyreg.dispatch_table:
+    if found is obj or any(obj is t for t in _NAMELESS) or type(obj) in copyreg.dispatch_table:
         return NotImplemented
     try:
         by_value: bytes | str = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
