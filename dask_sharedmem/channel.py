@@ -232,7 +232,7 @@ def _by_identity(address: int, module: str | None, qualname: str, by_value: byte
     function of the same module and qualified name; else the one rebuilt from
     its cloudpickle ``by_value`` (a str: why the sender could not make one).
     Nothing but the garbage collector's list leads safely from an address to
-    an object: searching it costs 30-80 ms per million objects, so it is done
+    an object: searching it costs 25-90 ms per million objects, so it is done
     only for these objects, once per address: what was found is remembered
     while it lives, what was not until this process forks.
 
