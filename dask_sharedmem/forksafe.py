@@ -42,9 +42,21 @@ go silently wrong; :func:`prepare` rewrites the graph so that they do not:
    than threads make, and the writes themselves run one at a time in the
    parent, which is also what the store's lock asks for.
 
-Targets that the graph computes (a ``Delayed`` target) do not exist in the
-parent before the run; a store into one that is not shared raises a clear
-error instead of writing into a copy.
+A target that the graph computes (a ``Delayed`` target) does not exist in
+the parent before the run.  If its task depends on nothing (dask's own test
+``make_target(key)``: an ``np.empty`` it also records somewhere), the audit
+runs that task here, once, before the fork, and puts its value in the graph
+in its place, as it makes the partd store: every store task, and whatever
+else refers to that key, sees the very object, the stores write it through
+the parent as above, and the key's value is that object if it is wanted
+(the scheduler takes such data as computed before it forks, as dask's
+``start_state_from_dask`` takes a ``DataNode``).  One task found inside a
+fused subgraph (one chunk: target, store and join in one task) is replaced
+there.  A target computed from other tasks cannot be made before the fork;
+a store into one that is not shared raises a clear error instead of writing
+into a copy.  (A large one comes from its worker in shared memory, where the
+stores write in place: the key's value is written, but what its task did
+with it in its own memory, such as keeping it in a dict, stays there.)
 """
 
 from __future__ import annotations
@@ -109,6 +121,9 @@ def prepare(dsk: Mapping) -> tuple[Mapping, list, set]:
         new = audit.node(node, None)
         if new is not node:
             changed[key] = new
+    for task, value in audit.made.values():  # stores' targets made here: data in their place
+        if dsk.get(task.key) is task:
+            changed[task.key] = DataNode(task.key, value)
     if not changed:
         return dsk, [], set()
     return {**dsk, **changed}, audit.targets, audit.pickled_keys
@@ -122,20 +137,26 @@ class _Audit:
         self.targets: list[tuple[Any, Any]] = []
         self.key: Any = None  # the key whose node is being audited
         self.pickled_keys: set = set()
+        #: id(task) -> (task, its value): tasks run here for a store (see _resolve)
+        self.made: dict[int, tuple[Task, Any]] = {}
         self.signature = inspect.signature(store) if store is not None else None
 
     def node(self, node: Any, scope: dict | None) -> Any:
         """``node`` with every hazard in it replaced (the same object if none).
 
         ``scope`` maps the keys of an enclosing subgraph to the nodes that give
-        them their values, so that a store's target can be found in the parent.
+        them their values, each with the scope it is read in (a subgraph's
+        inputs are its caller's), so that a store's target can be found in the
+        parent.
         """
         if isinstance(node, Task):
             func, args, kwargs = node.func, node.args, node.kwargs
             if func is _execute_subgraph:
                 inner, _, inkeys, *deps = args
-                inner_scope = {**(scope or {}), **inner, **dict(zip(inkeys, deps, strict=True))}
+                inner_scope: dict = {k: (v, scope) for k, v in zip(inkeys, deps, strict=True)}
+                inner_scope.update((k, (v, inner_scope)) for k, v in inner.items())
                 new_inner = {k: self.node(v, inner_scope) for k, v in inner.items()}
+                new_inner = {k: self.made_data(k, inner[k], v) for k, v in new_inner.items()}
                 if any(new_inner[k] is not v for k, v in inner.items()):
                     args = (new_inner, *args[1:])
             else:
@@ -186,7 +207,13 @@ class _Audit:
         return functools.partial(_store_chunk, ident)
 
     def _resolve(self, arg: Any, scope: dict | None, depth: int = 0) -> Any:
-        """The value ``arg`` will have when the task runs, if the parent knows it now."""
+        """The value ``arg`` will have when the task runs, if the parent knows it now.
+
+        A task of the graph that ``arg`` refers to is run here, once, if it
+        depends on nothing (a ``Delayed`` target): then the parent knows its
+        value, and so will the workers, forked after :func:`prepare` put the
+        value in the graph in its place.
+        """
         if depth > 100:
             return _UNKNOWN
         if isinstance(arg, DataNode):
@@ -194,13 +221,24 @@ class _Audit:
         if isinstance(arg, (TaskRef, Alias)):
             key = arg.target if isinstance(arg, Alias) else arg.key
             if scope is not None and key in scope:
-                return self._resolve(scope[key], None, depth + 1)
-            if key in self.dsk:
-                return self._resolve(self.dsk[key], None, depth + 1)
-            return _UNKNOWN
+                node, scope = scope[key]
+            elif key in self.dsk:
+                node, scope = self.dsk[key], None
+            else:
+                return _UNKNOWN
+            if isinstance(node, Task) and not node.dependencies:
+                if id(node) not in self.made:
+                    self.made[id(node)] = (node, node())
+                return self.made[id(node)][1]
+            return self._resolve(node, scope, depth + 1)
         if isinstance(arg, GraphNode):  # computed while the graph runs
             return _UNKNOWN
         return arg
+
+    def made_data(self, key: Any, node: Any, new: Any) -> Any:
+        """A ``DataNode`` of the value if :meth:`_resolve` ran ``node`` here, else ``new``."""
+        made = self.made.get(id(node))
+        return DataNode(key, made[1]) if made is not None and made[0] is node else new
 
 
 _UNKNOWN = object()
@@ -239,10 +277,10 @@ def _store_chunk(ident: int | None, x: Any, out: Any, index: Any, region: Any, l
     if ident is None:
         raise RuntimeError(
             f"da.store into a {type(out).__module__}.{type(out).__qualname__} that the graph "
-            "itself computes: a worker process would write into its own copy, which nobody "
-            "sees. Make the target before computing (it is then written by the calling "
-            "process), or store into shared memory (dask_sharedmem.empty), or use "
-            "scheduler='threads'.")
+            "computes from other tasks: a worker process would write into its own copy, which "
+            "nobody sees. Make the target before computing, or in a task that depends on "
+            "nothing (it is then made and written by the calling process), or store into "
+            "shared memory (dask_sharedmem.empty), or use scheduler='threads'.")
     if x is not None and x.size != 0:
         _WRITES.append((ident, index, x))
     if not return_stored:

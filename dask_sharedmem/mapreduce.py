@@ -144,12 +144,8 @@ class LostExceptionType(Warning):
     Examples
     --------
     >>> import threading, warnings, dask_sharedmem as sharedmem
-    >>> class Unpicklable(Exception):
-    ...     def __init__(self):
-    ...         super().__init__("holds a lock")
-    ...         self.lock = threading.Lock()
     >>> def work(i):
-    ...     raise Unpicklable()
+    ...     raise ValueError("holds a lock", threading.Lock())  # its args do not pickle
     >>> with warnings.catch_warnings(record=True) as caught, sharedmem.MapReduce(np=1) as pool:
     ...     warnings.simplefilter("always")
     ...     try:

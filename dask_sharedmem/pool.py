@@ -91,12 +91,14 @@ tblib's pickling is installed (``distributed`` does).  This pickler rebuilds eve
 exception in the message from its ``args``, ``__dict__`` and ``__slots__``
 without calling a Python ``__init__``, with its chain, whatever is imported;
 what does not pickle (an attribute, a slot, a cause) is left out and named in
-the traceback text, and ``str()`` is never needed.  :func:`unpack_exception`
-attaches the worker's traceback as the exception's ``__cause__`` (as
-``concurrent.futures`` does), followed by the original cause.  Only an
-exception that still cannot make the round trip (its ``args`` do not pickle,
-the parent cannot import its class) is replaced by a :class:`LostException`
-that keeps its type name, message and traceback text.
+the traceback text, and ``str()`` is never needed; a class that pickle cannot
+find by name (defined inside a function) is the parent's own, found by
+identity (channel.py).  :func:`unpack_exception` attaches the worker's
+traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
+followed by the original cause.  Only an exception that still cannot make the
+round trip (its ``args`` do not pickle, its class was made in the worker and
+does not pickle by value) is replaced by a :class:`LostException` that keeps
+its type name, message and traceback text.
 
 Warnings issued in a worker come home too.  Each worker records them
 (``warnings.showwarning``, after the filters it inherited at the fork have
@@ -430,7 +432,9 @@ class _ExceptionPickler(pickle.Pickler):
     changes both, so what came back would depend on what was imported.  Here
     an exception is rebuilt by :func:`_new_exception` with its ``args``,
     ``__dict__`` and the ``__slots__`` that are set, and its chain -- unless its
-    class has a ``__reduce__`` of its own, which is then used as it is.
+    class has a ``__reduce__`` of its own, which is then used as it is.  A
+    class that pickle cannot find by name (one defined inside a function)
+    crosses by identity, as a result's does (``channel._reduce_by_identity``).
 
     Slots matter because no ``__init__`` runs: ``BaseException.__reduce__``
     leaves them out (``cls(*args)`` would set them again), and a class that
@@ -450,7 +454,8 @@ class _ExceptionPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, BaseException):
-            return NotImplemented
+            return (channel._reduce_by_identity(obj) if isinstance(obj, channel._BY_IDENTITY)
+                    else NotImplemented)
         cls = type(obj)
         reduced = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if isinstance(reduced, str):

@@ -32,9 +32,12 @@ Before the fork, ``forksafe.prepare`` rewrites what the graph holds that
 would go silently wrong in a forked worker (dask's partd shuffle buffers,
 ``da.store`` into private memory: see forksafe.py); the writes that a store
 leaves for the caller come back with the batch's results and are applied
-before its tasks count as done.  The join of a dask array's chunks (the
-wanted key whose task is ``dask.array.core.finalize``) runs in the caller,
-into private memory, as threads would.  Warnings that tasks issue come back
+before its tasks count as done.  A task that it ran in the caller (the partd
+store, a ``Delayed`` store target) is data in its graph: done before the
+fork, its value is in every worker's memory, never sent.  The join of a
+dask array's chunks (the wanted key whose task is
+``dask.array.core.finalize``) runs in the caller, into private memory, as
+threads would.  Warnings that tasks issue come back
 before the results and are re-issued here (pool.py).
 
 Small graphs run in the caller.  Forking costs more than the fork itself:
@@ -101,7 +104,7 @@ from typing import Any
 
 import dask
 import numpy as np
-from dask._task_spec import GraphNode, Task, convert_legacy_graph
+from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
@@ -549,6 +552,17 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
+    # what prepare ran here (a store's target) is data, as start_state_from_dask makes a
+    # DataNode: in the cache before the fork, every worker has that very object
+    # (timed as a task run here: a graph run here makes it here, as cheaply)
+    made = [key for key in ready if isinstance(runnable[key], DataNode)]
+    for key in made:
+        ready.remove(key)
+        running.add(key)
+        began = time.perf_counter()
+        cache[key] = runnable[key]()
+        timings.here.setdefault(_name(key), []).append(time.perf_counter() - began)
+        finish_task(dsk, key, state, wanted, keyorder.get)
     waiting = state["waiting"]
     dependents = state["dependents"]
     current = memory.full(nworkers, -1, dtype="i8")  # the task number each worker runs
@@ -700,6 +714,8 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
             f(dsk)
             started.append(f)
         if _changed(before, dsk):
+            for key in made:  # made again from the new graph, with the stores' new targets
+                del cache[key]
             raise _GraphChanged
         for f in start_state_cbs:
             f(dsk, state)

@@ -208,10 +208,128 @@ def test_store_error_in_the_target_is_raised():
         da.store(source(), Refuses(), scheduler=dask_sharedmem.get)
 
 
-def test_store_into_a_target_the_graph_computes_is_a_clear_error():
-    target = dask.delayed(dict)()  # any object that is not shared memory
-    with pytest.raises(RuntimeError, match="that the graph itself computes"):
-        da.store(source(), target, scheduler=dask_sharedmem.get)
+def store_delayed_target(scheduler):
+    """dask's dask/array/tests/test_array_core.py::test_store_delayed_target, computed
+    with ``scheduler``; returns what was stored and what store returned, to compare."""
+    from dask.array.utils import assert_eq
+    from dask.delayed import delayed
+    from dask.highlevelgraph import MaterializedLayer
+
+    def assert_has_persisted_data(arr):  # dask's, without distributed's futures
+        assert any(isinstance(layer, MaterializedLayer)
+                   and any(isinstance(obj, np.ndarray) for obj in layer.mapping.values())
+                   for layer in arr.dask.layers.values())
+
+    out = []
+    with dask.config.set(scheduler=scheduler):
+        d = da.ones((4, 4), chunks=(2, 2))
+        a, b = d + 1, d + 2
+
+        # empty buffers to be used as targets
+        targs = {}
+
+        def make_target(key):
+            a = np.empty((4, 4))
+            targs[key] = a
+            return a
+
+        # delayed calls to these targets
+        atd = delayed(make_target)("at")
+        btd = delayed(make_target)("bt")
+
+        # test not keeping result
+        st = da.store([a, b], [atd, btd])
+
+        at = targs["at"]
+        bt = targs["bt"]
+
+        assert st is None
+        assert_eq(at, a)
+        assert_eq(bt, b)
+        out.append((at, bt))
+
+        # test keeping result
+        for st_compute in [False, True]:
+            targs.clear()
+            st = da.store([a, b], [atd, btd], return_stored=True, compute=st_compute)
+            if st_compute:
+                for arr in st:
+                    assert_has_persisted_data(arr)
+
+            st = dask.compute(*st)
+
+            at = targs["at"]
+            bt = targs["bt"]
+
+            assert st is not None
+            assert isinstance(st, tuple)
+            assert all([isinstance(v, np.ndarray) for v in st])
+            assert_eq(at, a)
+            assert_eq(bt, b)
+            assert_eq(st[0], a)
+            assert_eq(st[1], b)
+            out.append((at, bt, *st))
+
+            pytest.raises(ValueError, lambda at=at, bt=bt: da.store([a], [at, bt]))
+            pytest.raises(ValueError, lambda at=at: da.store(at, at))
+    return out
+
+
+def test_store_into_a_delayed_target(always_fork):
+    """A target made by a task that depends on nothing is made by the caller, before the fork."""
+    threads, here = both(store_delayed_target)
+    assert len(here) == len(threads) == 3
+    for ours, theirs in zip(here, threads, strict=True):
+        for x, y in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("return_stored", [False, True])
+def test_store_into_a_delayed_target_fused_with_its_only_store(always_fork, return_stored):
+    """One chunk: dask fuses the target's task, the store and the join into one task."""
+    def store(scheduler):
+        made = []
+
+        def make_target():
+            made.append(np.zeros((4, 4)))
+            return made[-1]
+
+        stored = da.store(da.ones((4, 4), chunks=4) + 1, dask.delayed(make_target)(),
+                          return_stored=return_stored, compute=False)
+        return made, dask.compute(stored, scheduler=scheduler)[0]
+
+    (threads, threads_stored), (here, stored) = both(store)
+    assert len(here) == len(threads) == 1
+    np.testing.assert_array_equal(here[0], threads[0])
+    np.testing.assert_array_equal(stored, threads_stored)
+
+
+def test_a_delayed_target_that_is_wanted_is_the_object_written(always_fork):
+    made = []
+
+    def make_target():
+        made.append(np.zeros((100, 100)))
+        return made[-1]
+
+    target = dask.delayed(make_target)()
+    stored = da.store(source(), target, compute=False)
+    threads = dask.compute(target, stored, scheduler="threads")
+    assert len(made) == 1 and threads[0] is made[0]
+    made.clear()
+    here = dask.compute(target, stored, scheduler=dask_sharedmem.get)
+    assert len(made) == 1 and here[0] is made[0]
+    np.testing.assert_array_equal(here[0], source().compute())
+    np.testing.assert_array_equal(here[1], threads[1])
+
+
+def test_store_into_a_target_the_graph_computes_from_other_tasks_is_a_clear_error(always_fork):
+    x = da.ones((4, 4), chunks=2)
+    # made from a reduction of every chunk, which is not fused into the target's task;
+    # small, so that it reaches the workers in their private memory (a large one comes
+    # from its worker in shared memory, where the stores write in place)
+    target = dask.delayed(lambda total: np.zeros((4, 4)) + 0 * total)(x.sum())
+    with pytest.raises(RuntimeError, match="that the graph computes from other tasks"):
+        da.store(x, target, scheduler=dask_sharedmem.get)
 
 
 def test_to_hdf5(tmp_path):
@@ -283,6 +401,31 @@ def test_start_callback_that_changes_the_graph_reaches_the_workers():
     with Replace():
         assert dask_sharedmem.get({"x": (os.getpid,), "y": (lambda x: x + 1, "x")}, "y",
                                   num_workers=2) == 42
+
+
+def test_start_callback_that_changes_a_delayed_target_gets_the_new_one_written(always_fork):
+    """The target made before the fork is dropped with the old graph (it is made, and
+    wasted, once: threads make only the new one)."""
+    from dask._task_spec import Task
+
+    made = []
+
+    def make_target(name):
+        made.append((name, np.zeros((100, 100))))
+        return made[-1][1]
+
+    target = dask.delayed(make_target)("old")
+
+    class Replace(Callback):
+        def _start(self, dsk):
+            dsk[target.key] = Task(target.key, make_target, "new")
+
+    stored = da.store(source(), target, compute=False)
+    with Replace():
+        value, _ = dask.compute(target, stored, scheduler=dask_sharedmem.get)
+    assert [name for name, _ in made] == ["old", "new"]
+    assert value is made[1][1]
+    np.testing.assert_array_equal(value, source().compute())
 
 
 def test_results_survive_pickling_outside_the_process():

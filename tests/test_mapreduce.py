@@ -13,6 +13,7 @@ import faulthandler
 import gc
 import io
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -305,6 +307,30 @@ def test_closures_and_lambdas_are_not_pickled():
 
         assert pool.map(work, range(10)) == list(range(100, 110))
         assert pool.map(lambda i: (lambda j: j + offset)(i) * 2, range(3)) == [200, 202, 204]
+
+
+def test_classes_and_functions_of_the_caller_come_back_as_themselves():
+    """As with threads; a class or function that the item makes travels by value."""
+    class Local(NamedTuple):
+        a: int
+
+    def local(v):
+        return v + 1
+
+    def work(i):
+        class Inner(NamedTuple):
+            v: int
+
+        return os.getpid(), Local(i), local, Inner(i), lambda: i * 2
+
+    with MapReduce(np=2) as pool:
+        out = pool.map(work, range(4))
+    for i, (pid, one, f, inner, g) in enumerate(out):
+        assert pid != PARENT
+        assert type(one) is Local and one == Local(i)
+        assert f is local
+        assert type(inner).__name__ == "Inner" and inner.v == i  # cloudpickle's copy
+        assert g() == i * 2
 
 
 def test_numpy_array_as_sequence():
@@ -899,23 +925,48 @@ def test_unpicklable_exception_keeps_message_and_traceback(items, cls, args):
         assert_works(pool)
 
 
-@pytest.mark.parametrize("make, typename", [(lambda: (lambda: 0), "function"),
-                                            (threading.Lock, "lock")],
-                         ids=["lambda", "lock"])
-def test_unpicklable_result(make, typename):
+def test_unpicklable_result():
     with MapReduce(np=2) as pool:
         def work(i):
             if i > 3:
                 time.sleep(LONG)
-            return make() if i == 3 else i
+            return threading.Lock() if i == 3 else i
 
-        with time_to_error(f"unpicklable result ({typename})"), \
-                pytest.raises(WorkerException) as info:
+        with time_to_error("unpicklable result"), pytest.raises(WorkerException) as info:
             pool.map(work, range(20))
         reason = info.value.reason
         assert isinstance(reason, TypeError)
-        assert typename in str(reason) and "item 3" in str(reason)
+        assert "lock" in str(reason) and "item 3" in str(reason)
         assert_works(pool)
+
+
+def test_a_function_made_by_the_item_that_cannot_travel_names_the_item():
+    with MapReduce(np=2) as pool:
+        def work(i):
+            lock = threading.Lock()  # neither found in the parent nor picklable by value
+            return lambda: lock.locked()
+
+        with pytest.raises(WorkerException) as info:
+            pool.map(work, range(1))
+        reason = info.value.reason
+        assert isinstance(reason, pickle.UnpicklingError)
+        assert "lock" in str(reason) and "item 0" in str(reason)
+        assert_works(pool)
+
+
+def test_exception_of_a_class_defined_in_the_caller_keeps_its_type():
+    class LocalError(ValueError):
+        pass
+
+    def work(i):
+        if i == 3:
+            raise LocalError(f"bad item {i}")
+        return i
+
+    with MapReduce(np=2) as pool:
+        with pytest.raises(WorkerException) as info:
+            pool.map(work, range(8))
+    assert type(info.value.reason) is LocalError and info.value.reason.args == ("bad item 3",)
 
 
 @pytest.mark.timeout(20)

@@ -12,12 +12,14 @@ import faulthandler
 import io
 import operator
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
 from operator import add
+from typing import NamedTuple
 
 import cloudpickle
 import dask
@@ -644,6 +646,81 @@ def test_delayed():
     assert os.getpid() not in pids.compute(scheduler="sharedmem", num_workers=2)
 
 
+
+# -- classes and functions that pickle cannot find by name -----------------------
+# Threads give back the very objects; a worker forked after the caller made them
+# has them too, so its results refer to them.  What a task makes travels by value.
+
+def test_a_class_defined_in_the_caller_comes_back_as_itself(always_fork):
+    class Local(NamedTuple):
+        a: int
+        b: float = 0.5
+
+    dsk = {"x": (lambda: (os.getpid(), Local(1), [Local(2, 3.0)]),)}
+    pid, one, more = dask_sharedmem.get(dsk, "x", num_workers=2)
+    assert pid != os.getpid()
+    assert type(one) is Local and one == Local(1) and one.b == 0.5
+    assert type(more[0]) is Local and more == [Local(2, 3.0)]
+
+
+def test_a_function_defined_in_the_caller_comes_back_as_itself(always_fork):
+    offset = 10
+
+    def local(v):
+        return v + offset
+
+    square = lambda v: v * v
+    dsk = {"x": (lambda: (os.getpid(), local, [square]),)}
+    pid, f, (g,) = dask_sharedmem.get(dsk, "x", num_workers=2)
+    assert pid != os.getpid()
+    assert f is local and g is square
+
+
+def test_a_class_or_function_made_by_the_task_comes_back_by_value(always_fork):
+    def make(v):
+        class Inner(NamedTuple):
+            v: int
+
+        return os.getpid(), Inner(v), lambda: v * 2
+
+    pid, inner, f = dask_sharedmem.get({"x": (make, 4)}, "x", num_workers=2)
+    assert pid != os.getpid()
+    assert type(inner).__name__ == "Inner"  # cloudpickle's copy, as dask's processes give
+    assert inner.v == 4 and inner == (4,) and f() == 8
+
+
+def test_a_function_made_by_the_task_that_cannot_travel_names_the_task(always_fork):
+    def make(x):
+        lock = threading.Lock()  # neither found in the caller nor picklable by value
+        return lambda: lock.locked()
+
+    with pytest.raises(pickle.UnpicklingError, match="'unsendable'") as info:
+        dask_sharedmem.get({"x": 1, "unsendable": (make, "x")}, "unsendable", num_workers=2)
+    assert "lock" in str(info.value)
+    still_works()
+
+
+def test_dask_delayed_with_namedtuple(always_fork):
+    """dask's own dask/tests/test_delayed.py::test_delayed_with_namedtuple, under get."""
+    from dask import delayed
+
+    class ANamedTuple(NamedTuple):
+        a: int
+
+    with dask.config.set(scheduler=dask_sharedmem.get, num_workers=2):
+        literal = dask.delayed(3)
+        with_class = dask.delayed({"a": ANamedTuple(a=literal)})
+        assert with_class.compute() == {"a": ANamedTuple(a=3)}
+        assert type(with_class.compute()["a"]) is ANamedTuple
+
+        def return_nested(obj):
+            return obj["a"].a
+
+        final = delayed(return_nested)(with_class)
+
+        assert final.compute() == 3
+
+
 # -- errors ----------------------------------------------------------------------
 
 class CustomError(Exception):
@@ -703,6 +780,20 @@ def test_task_exception_keeps_its_type(func, kind, message):
     still_works()
 
 
+def test_exception_of_a_class_defined_in_the_caller_keeps_its_type(always_fork):
+    class LocalError(ValueError):
+        pass
+
+    def fail(x):
+        raise LocalError(f"local failure with {x}")
+
+    with pytest.raises(LocalError, match="local failure with 1") as info:
+        dask_sharedmem.get(_failing_graph(fail), "total", num_workers=2)
+    assert type(info.value) is LocalError
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    still_works()
+
+
 def test_exception_through_dask_compute():
     x = da.ones(10, chunks=5).map_blocks(raise_custom_task, dtype="f8")
     with pytest.raises(CustomError) as info:
@@ -749,10 +840,8 @@ def test_worker_death_in_a_dask_array():
     still_works()
 
 
-@pytest.mark.parametrize("make_result", [lambda: (lambda: 1), threading.Lock],
-                         ids=["lambda", "lock"])
-def test_unpicklable_result_names_the_key(make_result):
-    dsk = {"x": 1, "unsendable": (lambda x: make_result(), "x")}
+def test_unpicklable_result_names_the_key():
+    dsk = {"x": 1, "unsendable": (lambda x: threading.Lock(), "x")}
     with pytest.raises(TypeError, match="unsendable") as info:
         dask_sharedmem.get(dsk, "unsendable", num_workers=2)
     assert "pickle" in str(info.value)
