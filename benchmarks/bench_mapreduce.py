@@ -3,7 +3,8 @@
 Registered with the suite (``python benchmarks/run.py --only mapreduce``):
 
 * ``mapreduce-overhead``: per-item overhead, pool start-up and shut-down included;
-* ``mapreduce-gil``: GIL-bound work on a large shared array.
+* ``mapreduce-gil``: GIL-bound work on a large shared array, beside the
+  machine's limit for it: forked processes running the serial loop, no pool.
 
 Pools are created and shut down inside every timed call (start-up included),
 except where a peer's normal use keeps workers alive between calls (joblib's
@@ -14,6 +15,7 @@ pickle live in ``_work.py``.
 from __future__ import annotations
 
 import os
+import struct
 import types
 from typing import Any
 
@@ -211,6 +213,13 @@ def shared_title(ctx: Any) -> str:
 
 
 _SERIAL = "serial for loop (1 process)"
+LIMIT = "forked processes running the serial loop, no pool (the machine's limit)"
+
+
+def _of_limit(ctx, s, results, peer):
+    limit = results.get(LIMIT)
+    return limit["median"] / s["median"] if limit and "median" in limit else None
+
 
 workload(Workload(
     name="mapreduce-gil",
@@ -221,7 +230,8 @@ workload(Workload(
         f"summed; {cfg.workers} workers, pool start-up included"),
     setup=shared_setup,
     check=shared_check,
-    columns=[speedup(_SERIAL, "speed-up vs serial")],
+    columns=[speedup(_SERIAL, "speed-up vs serial"),
+             Column("of the limit", _of_limit, "{:.2f}x")],
     plot=Plot("speed-up over the serial loop", value=speedup_bar(_SERIAL), ref=1.0),
     teardown=shared_teardown,
 ))
@@ -230,6 +240,47 @@ workload(Workload(
 @runner("mapreduce-gil", _SERIAL)
 def _shared_serial(ctx, cfg):
     return lambda: sum(_work.chunk_sum(i) for i in range(ctx.chunks))
+
+
+def forked_loops(workers: int, chunks: int) -> float:
+    """The serial loop split over ``workers`` forked processes: no pool at all.
+
+    Process ``k`` sums chunks ``k, k + workers, ...`` and writes its sum to
+    a pipe.  No dispatch, no message per item, no balancing: what is left is
+    what every fork-based pool pays too (the forks, each process's first
+    touches of the shared array's pages, the exits), so no pool can beat it
+    on items of equal cost.
+    """
+    readers = []
+    for rank in range(workers):
+        r, w = os.pipe()
+        if os.fork() == 0:  # pragma: no cover - the child
+            try:
+                os.close(r)
+                os.write(w, struct.pack("d", sum(_work.chunk_sum(i)
+                                                 for i in range(rank, chunks, workers))))
+            finally:
+                os._exit(0)
+        os.close(w)
+        readers.append(r)
+    total = 0.0
+    for r in readers:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        if len(data) != 8:
+            raise RuntimeError("a forked process died before sending its sum")
+        total += struct.unpack("d", data)[0]
+    for _ in readers:
+        os.wait()
+    return total
+
+
+@runner("mapreduce-gil", LIMIT,
+        note=lambda cfg: (f"{cfg.workers} processes forked per call, process k sums chunks "
+                          f"k, k+{cfg.workers}, ... with the serial loop's code and sends "
+                          "one float through a pipe"))
+def _shared_limit(ctx, cfg):
+    return lambda: forked_loops(cfg.workers, ctx.chunks)
 
 
 def mapreduce_sum(ctx: Any, workers: int) -> Any:

@@ -150,7 +150,7 @@ def workload(w: Workload) -> Workload:
     return w
 
 
-def runner(workload_name: str, peer: str, note: str = "") -> Callable:
+def runner(workload_name: str, peer: str, note: str | Callable[[Config], str] = "") -> Callable:
     """Register ``make(ctx, cfg) -> callable | Run`` as ``peer`` for a workload."""
 
     def register(make: Callable) -> Callable:

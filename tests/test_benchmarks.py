@@ -36,7 +36,9 @@ WORKLOADS = {
     "small": ("4b", ["dask_sharedmem.get", "dask_sharedmem.get, forked every call"]),
     "scaling": ("5", ["dask_sharedmem.MapReduce, 1 worker", "dask_sharedmem.get, 1 worker"]),
     "mapreduce-overhead": ("6", ["dask_sharedmem.MapReduce"]),
-    "mapreduce-gil": ("7", ["dask_sharedmem.MapReduce"]),
+    "mapreduce-gil": ("7", ["dask_sharedmem.MapReduce",  # and the machine's limit beside it
+                            "forked processes running the serial loop, no pool "
+                            "(the machine's limit)"]),
     "startup-scaling": ("8", [f"0.1 GB caller, {n} worker{'s' if n > 1 else ''}"
                               for n in (1, 2, 8)]),
     "bag": ("9a", ["dask_sharedmem.get"]),
