@@ -309,10 +309,12 @@ def test_worker_dies_in_a_task(engine, how, case):
 
 
 def waiting_for_work(pid):
-    """Whether ``pid`` is blocked reading its socket (what an idle worker does)."""
+    """Whether ``pid`` is blocked reading its socket, or the queue of a map (a pipe):
+    what an idle worker does."""
     try:
         with open(f"/proc/{pid}/wchan") as f:
-            return f.read().startswith("unix_stream")
+            return f.read().startswith(("unix_stream", "anon_pipe_read", "pipe_read",
+                                        "pipe_wait"))
     except OSError:
         return False
 
@@ -326,7 +328,7 @@ def test_worker_dies_between_tasks(engine, how, case):
     ``timer``: the task arms a timer in its worker and returns; the timer's
     thread kills the idle worker.  ``parent``: a thread of the test reads the
     worker's pid from shared memory, waits until the worker sleeps in its
-    socket read, and kills it.
+    read of the socket or the queue, and kills it.
     """
     who, sig = how.split()
 
@@ -402,6 +404,23 @@ def test_result_that_cannot_be_unpickled(engine, case):
     assert item(engine, 0) in text and "refuses to be unpickled" in text, text
     assert f"pid {case.slots[0]}" in text and isinstance(case.exc.__cause__, CustomError)
     still_works(engine)
+
+
+def test_result_that_cannot_be_unpickled_from_a_range_taken_off_the_queue(case):
+    """Workers take ranges from one queue: the parent learns whose range it was from
+    the slot the worker marked, and names the item (ranges of one: items of 25 ms)."""
+    def work(i):
+        time.sleep(0.025)
+        if i == 5:
+            case.fault()
+            return Unloadable()
+        return i
+
+    with case.expect("mapreduce", pickle.UnpicklingError, "could not be unpickled"):
+        with MapReduce(np=2) as pool:
+            pool.map(work, range(8))
+    assert "result of item 5" in str(case.exc), str(case.exc)
+    still_works("mapreduce")
 
 
 def test_unpicklable_items_of_a_map_are_inherited(case):

@@ -209,6 +209,26 @@ def test_slow_items_get_every_worker_with_evidence():
     assert sorted(rank_of.values()) == [0, 1, 2, 3] and PARENT not in rank_of
 
 
+@pytest.mark.timeout(60)
+def test_a_free_worker_takes_the_next_range_while_another_is_busy():
+    """Ranges wait in one queue that every worker reads: none waits behind a busy
+    worker while another is free.  Item 0 holds its worker until every other item
+    has finished; were later ranges handed to that worker too, they would wait."""
+    finished = sharedmem.zeros(20, dtype="i1")
+
+    def work(i):
+        if i == 0:  # the deadline turns the wait of a range behind it into False, not a hang
+            deadline = time.monotonic() + 20
+            while not finished[1:].all() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return bool(finished[1:].all())
+        finished[i] = 1
+        return True
+
+    with MapReduce(np=2) as pool:
+        assert all(pool.map(work, range(20)))
+
+
 @pytest.mark.timeout(30)
 def test_callbacks_get_every_worker_forked_first(monkeypatch):
     """Callbacks may start threads: no fork may follow them, so all are forked first."""
