@@ -243,26 +243,36 @@ def _shared_serial(ctx, cfg):
 
 
 def forked_loops(workers: int, chunks: int) -> float:
-    """The serial loop split over ``workers`` forked processes: no pool at all.
+    """The serial loop run by ``workers`` forked processes: no pool at all.
 
-    Process ``k`` sums chunks ``k, k + workers, ...`` and writes its sum to
-    a pipe.  No dispatch, no message per item, no balancing: what is left is
-    what every fork-based pool pays too (the forks, each process's first
-    touches of the shared array's pages, the exits), so no pool can beat it
-    on items of equal cost.
+    Each process takes the next chunk index off a pipe (one 4-byte record per
+    chunk, then one end record per process: a pipe read that small is atomic),
+    sums the chunk with the serial loop's code, and at the end writes its total
+    to a pipe of its own.  No dispatch, no message per chunk, yet the chunks
+    balance over the processes as they go: the two CPUs of the development VM
+    ran this loop up to 40% apart (19 against 27 ms a chunk), and a fixed half
+    each left the faster one idle for a quarter of the run.  What is left is
+    what every fork-based pool
+    pays too (the forks, each process's first touches of the shared array's
+    pages, the exits).
     """
+    take, put = os.pipe()
     readers = []
-    for rank in range(workers):
+    for _ in range(workers):
         r, w = os.pipe()
         if os.fork() == 0:  # pragma: no cover - the child
             try:
-                os.close(r)
-                os.write(w, struct.pack("d", sum(_work.chunk_sum(i)
-                                                 for i in range(rank, chunks, workers))))
+                total = 0.0
+                while (i := struct.unpack("i", os.read(take, 4))[0]) >= 0:
+                    total += _work.chunk_sum(i)
+                os.write(w, struct.pack("d", total))
             finally:
                 os._exit(0)
         os.close(w)
         readers.append(r)
+    os.close(take)
+    with os.fdopen(put, "wb") as f:
+        f.write(struct.pack(f"{chunks + workers}i", *range(chunks), *[-1] * workers))
     total = 0.0
     for r in readers:
         with os.fdopen(r, "rb") as f:
@@ -276,9 +286,9 @@ def forked_loops(workers: int, chunks: int) -> float:
 
 
 @runner("mapreduce-gil", LIMIT,
-        note=lambda cfg: (f"{cfg.workers} processes forked per call, process k sums chunks "
-                          f"k, k+{cfg.workers}, ... with the serial loop's code and sends "
-                          "one float through a pipe"))
+        note=lambda cfg: (f"{cfg.workers} processes forked per call; each takes the next "
+                          "chunk index off a pipe, sums the chunk with the serial loop's "
+                          "code, and sends one float at the end"))
 def _shared_limit(ctx, cfg):
     return lambda: forked_loops(cfg.workers, ctx.chunks)
 
