@@ -396,8 +396,9 @@ class Held:
 
     ``pid`` made it; ``keep`` is its number there (0: nothing kept);
     ``body`` its pickle, ``items`` the stand-ins of its buffers; ``meta`` is
-    ``(shape, dtype, order)`` when the value is a plain numpy array whose
-    one buffer holds its data, so that :meth:`into` can put it in place.
+    ``(shape, dtype, order, direct)`` when the value is a plain numpy array,
+    so that :meth:`into` can put it in place: ``direct`` when its one buffer
+    holds its data in that order (a pull straight into the place).
 
     >>> h = hold([1, 2])
     >>> h.value()
@@ -426,16 +427,16 @@ class Held:
 
     def into(self, out: np.ndarray) -> bool:
         """Put a plain array's data straight into ``out``, if it fits as is; whether it did."""
-        if self.meta is None or self._value is not _UNSET:
+        if self.meta is None:
             return False
-        shape, dtype, order = self.meta
+        shape, dtype, order, direct = self.meta
         if out.shape != shape or out.dtype != dtype:
             return False
         kept = _KEPT.get(self.keep) if self.pid == os.getpid() else None
-        if kept is not None:
-            out[...] = kept[0]
-        else:
+        if self._value is _UNSET and kept is None and direct:
             transports.fetch_into(self.items[0], out if order == "C" else out.T)
+        else:  # here already, small, or a view of shared memory: one copy from it
+            out[...] = self.value()
         return True
 
 
@@ -450,13 +451,13 @@ def hold(obj: Any, room: str | None = None, threshold: int | None = DEFAULT_THRE
     """
     body, outbox = _dumps_value(obj, room or transports.room(True), threshold)
     meta = None
-    if (type(obj) is np.ndarray and len(outbox.items) == 1 and obj.nbytes >= (threshold or 0)
-            and memory._segment_of(obj) is None):
+    if type(obj) is np.ndarray:
         # the one buffer holds the data in C order, but for an F-contiguous array
         # (numpy pickles it as it lies) of a dtype with a buffer format
         fortran = (obj.flags.f_contiguous and not obj.flags.c_contiguous
                    and obj.dtype.kind not in "mM")
-        meta = (obj.shape, obj.dtype, "F" if fortran else "C")
+        direct = len(outbox.items) == 1 and memory._segment_of(obj) is None
+        meta = (obj.shape, obj.dtype, "F" if fortran else "C", direct)
     return Held(os.getpid(), _keep(obj, outbox, reuse=True), body, outbox.items, meta)
 
 

@@ -90,28 +90,24 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import pickle
 import statistics
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
 from itertools import chain
-from types import SimpleNamespace
 from typing import Any
 
 import dask
 import numpy as np
-from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
+from dask._task_spec import DataNode, convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
 from dask.utils import key_split
 
-from . import channel, forksafe, memory, transports
+from . import channel, forksafe, joins, memory, transports
 from .pool import (
     UnreadableResult,
     WorkerDied,
@@ -290,7 +286,7 @@ def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
     dependencies = state["dependencies"]
     while ready:
         if time.perf_counter() > until:
-            if not _joins(dsk, wanted).issuperset(chain(ready, state["waiting"])):
+            if not joins.join_keys(dsk, wanted).issuperset(chain(ready, state["waiting"])):
                 return False
             until = math.inf  # what is left would run here anyway
         key = ready.pop()
@@ -422,6 +418,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     nworkers = _num_workers(num_workers)
     if threshold is None:
         threshold = dask.config.get("sharedmem.threshold", channel.DEFAULT_THRESHOLD)
+    known = joins.layouts(dsk)  # the caller's arrays' layouts, for their joins
     if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
         dsk = dsk.__dask_graph__()
     wanted = _check_arguments(dsk, keys, threshold, cache)
@@ -478,13 +475,13 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         left = len(state["ready"]) + len(state["waiting"])
                         _run(dsk, runnable, targets, state, wanted, keyorder,
                              min(nworkers, left), threshold, [], [], pretask_cbs,
-                             posttask_cbs, started, timings)
+                             posttask_cbs, started, timings, known)
                     break
                 runnable, targets, _ = forksafe.prepare(dsk)
                 try:
                     _run(dsk, runnable, targets, state, wanted, keyorder,
                          min(nworkers, ntasks), threshold, start_cbs if not started else [],
-                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings)
+                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings, known)
                 except _GraphChanged:  # fork again, with what the callbacks put in
                     continue
                 break
@@ -499,21 +496,6 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         return nested_get(keys, _plain(state["cache"], wanted))
     finally:
         state.clear()
-
-
-def _joins(dsk: Mapping, wanted: set) -> set:
-    """The wanted keys that join dask.array chunks into the caller's result.
-
-    They run in the caller's process: the chunks are there already (as
-    handles to shared memory), and the joined array is made in private
-    memory, which numpy gets with huge pages, as threads would; in a worker
-    it would be a second 512 MB of new shared memory for a 512 MB result,
-    made at several times that cost, and sent back.
-    """
-    finalize = getattr(sys.modules.get("dask.array.core"), "finalize", None)
-    if finalize is None:
-        return set()
-    return {k for k in wanted if isinstance(dsk.get(k), Task) and dsk[k].func is finalize}
 
 
 class _GraphChanged(Exception):
@@ -537,7 +519,7 @@ def _plain(cache: dict, wanted: set) -> dict:
 def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: set,
          keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
          start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
-         timings: _Timings) -> None:
+         timings: _Timings, known: dict) -> None:
     """Fork the workers and run the graph on them (``runnable``: ``dsk`` as
     ``forksafe.prepare`` makes it safe to fork with, the stores' ``targets``).
 
@@ -548,7 +530,8 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
     with the new graph, as dask's own schedulers would run it.
     """
     before = dict(dsk) if start_cbs else None
-    here = _joins(runnable, wanted)
+    here = joins.join_keys(runnable, wanted)
+    early = joins.Early(runnable, here, known)
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
@@ -680,7 +663,9 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
         began = time.perf_counter()
         try:
             with memory.plain_arrivals():
-                res = _join(runnable[key], data)
+                res = early.result(key)
+                if res is None:
+                    res = joins.join(runnable[key], data)
         except transports.cma.MakerGone as e:
             raise w.died(e.pid) from None
         except pickle.UnpicklingError as e:
@@ -701,6 +686,11 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
             channel.on_drop(res, w.channels[rank].acks)
             # what the caller gets is fetched as it arrives, while other tasks run;
             # so are the values that callbacks look at (dask.cache.Cache keeps them)
+            if key in early.slots:  # a chunk of the caller's array: into its slot now
+                try:
+                    early.place(key, res)
+                except transports.cma.MakerGone as e:
+                    raise w.died(e.pid) from None
             if key in wanted or values_seen:
                 res = fetch(res, key, rank)
         cache[key] = forksafe.resolve(targets, res)
@@ -809,86 +799,6 @@ def _values_seen(posttask_cbs: list) -> bool:
         if owner is None or f"{type(owner).__module__}.{type(owner).__name__}" not in _VALUE_BLIND:
             return True
     return False
-
-
-def _join(task: Any, data: dict) -> Any:
-    """Run a join task (dask.array's ``finalize``) here; chunks that workers hold
-    are pulled straight into their slots of the joined array."""
-    arg = task.args[0] if len(task.args) == 1 and not task.kwargs else None
-    if isinstance(arg, GraphNode):
-        joined = _in_place(arg(data))
-        if joined is not None:
-            return joined
-    return task({k: v.value() if isinstance(v, channel.Held) else v for k, v in data.items()})
-
-
-def _in_place(arrays: Any) -> np.ndarray | None:
-    """``dask.array.core.concatenate3`` of chunks, each fetched into its slot; or
-    None where that function must run itself (chunks that are not plain numpy
-    arrays, of other dimensions than the nesting, or a single chunk)."""
-    from dask.array.core import chunks_from_arrays, slices_from_chunks
-
-    leaves = list(flatten(arrays, container=list))
-    if len(leaves) == 1 and isinstance(leaves[0], channel.Held) and leaves[0].meta:
-        return leaves[0].value()  # fetched into new memory: finalize's copy, made once
-    ndim, inner = 0, arrays
-    while isinstance(inner, list) and inner:
-        ndim, inner = ndim + 1, inner[0]
-    metas = []
-    for x in leaves:
-        meta = x.meta if isinstance(x, channel.Held) else (
-            (x.shape, x.dtype, None) if type(x) is np.ndarray else None)
-        if meta is None or len(meta[0]) != ndim:
-            return None
-        metas.append(meta)
-    if len(leaves) < 2:
-        return None
-    shapes = _nested([SimpleNamespace(shape=m[0]) for m in metas], arrays)
-    chunks = chunks_from_arrays(shapes)
-    out = np.empty(tuple(map(sum, chunks)), dtype=metas[0][1])
-    pulls = []
-    for idx, leaf in zip(slices_from_chunks(chunks), leaves, strict=True):
-        if isinstance(leaf, channel.Held):
-            pulls.append((leaf, out[idx]))
-        else:
-            out[idx] = leaf
-    _pull_all(pulls)
-    return out
-
-
-def _nested(flat: list, like: Any) -> Any:
-    """``flat`` arranged in the nesting of lists ``like``."""
-    items = iter(flat)
-
-    def build(node: Any) -> Any:
-        return [build(n) for n in node] if isinstance(node, list) else next(items)
-
-    return build(like)
-
-
-def _pull_all(pulls: list) -> None:
-    """Put each held array in its slot, by as many threads as CPUs (up to 4): each
-    pull releases the GIL, and a join is the only work left at the end."""
-    parts = min(len(pulls), len(os.sched_getaffinity(0)), 4)
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            for held, slot in pulls[k::parts]:
-                if not held.into(slot):
-                    slot[...] = held.value()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, parts)]
-    for t in threads:
-        t.start()
-    if parts:
-        run(0)
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _register() -> None:

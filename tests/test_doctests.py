@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["memory", "transports", "transports.cma", "transports.shm", "channel", "pool",
+MODULES = ["memory", "transports", "transports.cma", "transports.shm", "channel", "joins", "pool",
            "forksafe", "mapreduce", "scheduler"]
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
