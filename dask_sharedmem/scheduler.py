@@ -465,21 +465,21 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                                    timings, time.perf_counter() + _OVERRUN * limit):
                         break
                     timings.overran = True
-                    runnable, targets, pickled = forksafe.prepare(dsk)
-                    if pickled & state["finished"]:
+                    prepared = forksafe.prepare(dsk)
+                    if prepared.pickled & state["finished"]:
                         # a result made here from the graph as it was (a buffered partd
                         # store that tasks here wrote to) would go wrong in workers
                         _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
                                     timings, math.inf)
                     else:  # slower than estimated: workers for the rest, callbacks as they are
                         left = len(state["ready"]) + len(state["waiting"])
-                        _run(dsk, runnable, targets, state, wanted, keyorder,
-                             min(nworkers, left), threshold, [], [], pretask_cbs,
-                             posttask_cbs, started, timings, known)
+                        _run(dsk, prepared, state, wanted, keyorder, min(nworkers, left),
+                             threshold, [], [], pretask_cbs, posttask_cbs, started, timings,
+                             known)
                     break
-                runnable, targets, _ = forksafe.prepare(dsk)
+                prepared = forksafe.prepare(dsk)
                 try:
-                    _run(dsk, runnable, targets, state, wanted, keyorder,
+                    _run(dsk, prepared, state, wanted, keyorder,
                          min(nworkers, ntasks), threshold, start_cbs if not started else [],
                          start_state_cbs, pretask_cbs, posttask_cbs, started, timings, known)
                 except _GraphChanged:  # fork again, with what the callbacks put in
@@ -516,12 +516,13 @@ def _plain(cache: dict, wanted: set) -> dict:
     return cache
 
 
-def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: set,
+def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
          keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
          start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
          timings: _Timings, known: dict) -> None:
-    """Fork the workers and run the graph on them (``runnable``: ``dsk`` as
-    ``forksafe.prepare`` makes it safe to fork with, the stores' ``targets``).
+    """Fork the workers and run the graph on them (``prepared``: ``dsk`` as
+    ``forksafe.prepare`` makes it safe to fork with, the stores' targets, and
+    those left out of the workers' memory while they live).
 
     ``start`` callbacks run after the fork, since they may start threads
     (ProgressBar) or processes (ResourceProfiler) that forked workers must not
@@ -530,6 +531,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
     with the new graph, as dask's own schedulers would run it.
     """
     before = dict(dsk) if start_cbs else None
+    runnable, targets = prepared.graph, prepared.targets
     here = joins.join_keys(runnable, wanted)
     early = joins.Early(runnable, here, known)
     cache = state["cache"]
@@ -699,7 +701,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
             f(key, res, dsk, state, rank)
 
     values_seen = _values_seen(posttask_cbs)
-    with Workers(nworkers, worker_main, threshold) as w:
+    with forksafe.unmapped(prepared.unmapped), Workers(nworkers, worker_main, threshold) as w:
         for f in start_cbs:
             f(dsk)
             started.append(f)
@@ -722,6 +724,11 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
                     e.args = (f"{e} while running task {numbered[number]!r}",)
                 else:  # the result of its last task had arrived: do not blame it
                     e.args = (f"{e} while waiting for work",)
+                if prepared.unmapped and "SIGSEGV" in e.status:
+                    e.args = (f"{e.args[0]}; the numpy array that da.store writes into is not "
+                              "in the workers' memory during the compute (it would cost a copy "
+                              "of each of its pages): a task that reads it dies. Store into a "
+                              "shared array (dask_sharedmem.empty), or use scheduler='threads'",)
                 raise
             except UnreadableResult as e:
                 keys = [numbered[n] for n in inflight[e.rank][0]]
