@@ -38,6 +38,7 @@ a worker's private result is already on huge pages and one
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -158,13 +159,35 @@ def fetch(items: Sequence[Any]) -> list[Any]:
     for pid, ks in by_pid.items():
         remote, local = [], []
         for k in ks:
-            buf = np.empty(items[k].nbytes, np.uint8)
+            buf = _new(items[k].nbytes)
             out[k] = buf
             if buf.nbytes:
                 remote.append((items[k].address, buf.nbytes))
                 local.append((buf.ctypes.data, buf.nbytes))
         _pull(pid, remote, local)
     return out
+
+
+#: buffers at least this large are mappings of their own (see _new)
+_MAP_MIN = 1 << 20
+_HUGE = 2 << 20
+
+
+def _new(nbytes: int) -> np.ndarray:
+    """New private memory for ``nbytes`` fetched bytes.
+
+    From 1 MiB up a mapping of its own, unmapped when the last array on it
+    goes: malloc keeps freed memory of the sizes it has seen in its heap
+    (its threshold for mappings rises to 32 MiB), so a process that fetched
+    1 GB of results kept it after they were dropped.  Advised to use huge
+    pages from 2 MiB, as numpy does with its own large arrays.
+    """
+    if nbytes < _MAP_MIN:
+        return np.empty(nbytes, np.uint8)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint8)
 
 
 def fetch_into(item: Any, out: np.ndarray) -> None:
