@@ -777,7 +777,12 @@ class MapReduce:
                         events = w.poll(0 if grow else None)
                     except WorkerDied as e:
                         i = int(current[e.rank])
-                        if any(a <= i < b for a, b in inflight[e.rank]):
+                        if e.undelivered:  # it had sent them: not copied out of it yet
+                            a, b = inflight[e.rank][0]
+                            what = (f"the result of item {a} was" if b == a + 1
+                                    else f"the results of items {a} to {b - 1} were")
+                            e.args = (f"{e}; {what} lost with it",)
+                        elif any(a <= i < b for a, b in inflight[e.rank]):
                             e.doing = f"item {i} of the sequence"
                             e.args = (f"{e} while running item {i}",)
                         else:  # item i's result had arrived: do not blame it

@@ -154,6 +154,9 @@ class WorkerDied(RuntimeError):
         Its process id.
     status : str
         How it ended, e.g. ``"was killed by SIGKILL ..."`` or ``"exited with code 3"``.
+    undelivered : bool
+        Whether it died with a message sent but not delivered: the parent had
+        read it, and found the worker gone as it pulled the large arrays in it.
 
     Examples
     --------
@@ -167,6 +170,7 @@ class WorkerDied(RuntimeError):
 
     def __init__(self, rank: int, pid: int, status: str, doing: str = ""):
         self.rank, self.pid, self.status, self.doing = rank, pid, status, doing
+        self.undelivered = False
         where = f" while running {doing}" if doing else ""
         super().__init__(f"worker {rank} (pid {pid}) {status}{where}")
 
@@ -943,7 +947,11 @@ class Workers:
             except (EOFError, ConnectionResetError):
                 self._reap(rank)
             except transports.cma.MakerGone:
-                self._reap(rank, kill=True)
+                try:
+                    self._reap(rank, kill=True)
+                except WorkerDied as e:
+                    e.undelivered = True
+                    raise
             except pickle.UnpicklingError as e:
                 raise UnreadableResult(rank, self.pids[rank], str(e)) from e.__cause__
             for m in msgs:

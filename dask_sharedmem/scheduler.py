@@ -654,7 +654,7 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
             with memory.plain_arrivals():
                 return held.value()
         except transports.cma.MakerGone as e:
-            raise w.died(e.pid) from None
+            raise _lost(w.died(e.pid), {key: held}) from None
         except pickle.UnpicklingError as e:
             raise UnreadableResult(rank, w.pids[rank], str(e)).about(
                 f"result of task {key!r}") from e.__cause__
@@ -669,7 +669,7 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
                 if res is None:
                     res = joins.join(runnable[key], data)
         except transports.cma.MakerGone as e:
-            raise w.died(e.pid) from None
+            raise _lost(w.died(e.pid), data, key) from None
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"a result that task {key!r} joins could not be "
                                          f"unpickled in the parent: {e}") from e.__cause__
@@ -729,6 +729,7 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
                               "in the workers' memory during the compute (it would cost a copy "
                               "of each of its pages): a task that reads it dies. Store into a "
                               "shared array (dask_sharedmem.empty), or use scheduler='threads'",)
+                _lost(e, cache)  # results it held that nobody had copied out
                 raise
             except UnreadableResult as e:
                 keys = [numbered[n] for n in inflight[e.rank][0]]
@@ -741,15 +742,17 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
                 if msg[0] == "lost":  # an input's maker died before it could be read
-                    died = w.died(msg[2])
-                    died.args = (f"{died}, whose result task {msg[1]!r} needed",)
-                    raise died
+                    raise _lost(w.died(msg[2]), {d: cache.get(d) for d in dependencies[msg[1]]},
+                                msg[1])
                 _, out, seconds, writes = msg
                 if writes:
                     try:
                         forksafe.apply(targets, writes)
                     except transports.cma.MakerGone as e:
-                        raise w.died(e.pid) from None
+                        died = w.died(e.pid)
+                        died.args = (f"{died}; a chunk that task {out[-1][0]!r} stored was lost "
+                                     "with it",)
+                        raise died from None
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
@@ -784,6 +787,31 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     writes = [(ident, index, channel.hold(x, threshold=threshold))
               for ident, index, x in writes]
     chan.send(("done", held, seconds, writes))
+
+
+def _lost(e: WorkerDied, values: Mapping, needed_by: Any = None) -> WorkerDied:
+    """``e``, saying which results were lost with its worker: those among ``values``
+    (key -> value) that it held and that nobody had copied out of its memory yet
+    (cma offers: shared memory outlives it); ``needed_by``, the task that needed them.
+
+    >>> e = _lost(WorkerDied(0, 42, "was killed by SIGKILL"), {"a": 1}, needed_by="b")
+    >>> str(e)
+    "worker 0 (pid 42) was killed by SIGKILL; a result that task 'b' needed was lost with it"
+    """
+    keys = [k for k, v in values.items() if isinstance(v, channel.Held) and v.pid == e.pid
+            and any(isinstance(i, transports.Offer) for i in v.items)]
+    need = "" if needed_by is None else f", which task {needed_by!r} needed,"
+    if len(keys) == 1:
+        what = f"the result of task {keys[0]!r}{need} was"
+    elif keys:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        what = f"the results of tasks {keys[:3]!r}{more}{need} were"
+    elif needed_by is not None:
+        what = f"a result that task {needed_by!r} needed was"
+    else:
+        return e
+    e.args = (f"{e}; {what} lost with it",)
+    return e
 
 
 def _values(data: dict) -> None:
