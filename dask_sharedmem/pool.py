@@ -809,7 +809,7 @@ class Workers:
         _reap_finished()
         self._parent = os.getpid()
         # how the workers' large results cross (inherited by them: see transports)
-        transports._active = transports.choose()
+        transports.new_session()
         # every shared result that arrives holds descriptors; a refusal to take
         # one in recvmsg cannot be recovered, so lift the soft limit up front
         memory._raise_fd_limit()

@@ -298,7 +298,9 @@ class Pulls:
         caller, pull = os.getpid(), transports.cma.pull
 
         def counting(pid, remote, local):
-            self.by[int(os.getpid() != caller)] += sum(n for _, n in local)
+            n = sum(n for _, n in local)
+            if n != 16:  # not the nonce read back after the data (transports._pull)
+                self.by[int(os.getpid() != caller)] += n
             return pull(pid, remote, local)
 
         monkeypatch.setattr(transports.cma, "pull", counting)

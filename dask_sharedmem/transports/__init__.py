@@ -38,6 +38,7 @@ a worker's private result is already on huge pages and one
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -56,6 +57,11 @@ _ROOMS = ("auto", "cma", "shm")
 #: starts a session (choose), so forked workers inherit it
 _active = "shm"
 
+#: 16 random bytes, new for each session of workers, which they inherit at the same
+#: address: read back from a maker after its data, they prove it was that process
+#: and not another one that got its pid after it died (see _pull)
+_nonce = bytearray(16)
+
 #: fetches of at least this many bytes from one process are split over threads
 _PARALLEL_MIN = 32 << 20
 
@@ -66,6 +72,13 @@ class Offer(NamedTuple):
     pid: int
     address: int
     nbytes: int
+
+
+def new_session() -> None:
+    """Before forking a session's workers: their room (:func:`choose`), and a new nonce."""
+    global _active, _nonce
+    _active = choose()
+    _nonce = bytearray(os.urandom(16))
 
 
 def choose() -> str:
@@ -236,12 +249,25 @@ def _runs(a: np.ndarray) -> list[tuple[int, int]] | None:
 
 
 def _pull(pid: int, remote: list, local: list) -> None:
-    """cma.pull, by two or more threads when there is enough to copy."""
+    """cma.pull, by two or more threads when there is enough to copy; then the
+    session's nonce, from the same address there, must be ours: else ``pid`` is
+    no longer the maker (it died, and its pid went to another process: with
+    SIGCHLD ignored, nothing keeps a dead child's pid), and what was read is
+    not its data."""
     total = sum(n for _, n in local)
     parts = min(len(os.sched_getaffinity(0)), 4)
     if total < _PARALLEL_MIN or parts < 2:
         cma.pull(pid, remote, local)
-        return
+    else:
+        _pull_parallel(pid, remote, local, total, parts)
+    theirs = bytearray(16)
+    cma.pull(pid, [(_address(memoryview(_nonce)), 16)], [(_address(memoryview(theirs)), 16)])
+    if theirs != _nonce:
+        raise cma.MakerGone(pid, errno.ESRCH)
+
+
+def _pull_parallel(pid: int, remote: list, local: list, total: int, parts: int) -> None:
+    """cma.pull of ``parts`` equal shares, each by a thread (the call releases the GIL)."""
     rs, ls = _split(remote, parts, total), _split(local, parts, total)
     errors: list[BaseException] = []
 
