@@ -692,7 +692,7 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
                 try:
                     early.place(key, res)
                 except transports.cma.MakerGone as e:
-                    raise w.died(e.pid) from None
+                    raise _lost(w.died(e.pid), {key: res}) from None
             if key in wanted or values_seen:
                 res = fetch(res, key, rank)
         cache[key] = forksafe.resolve(targets, res)

@@ -384,7 +384,8 @@ def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fe
     ``when``: ``"before"`` the value's buffers are fetched at all (by the
     functions of transports named in ``at``: either room), killing ``victim()``,
     the maker's pid (which the test knows: tasks write theirs in ``case.slots``;
-    shm's stand-ins do not name it); or ``"midway"``, after ``process_vm_readv``
+    shm's stand-ins do not name it), or with ``victim`` None the maker of what
+    is pulled (cma: its offer names it); or ``"midway"``, after ``process_vm_readv``
     has copied half of them out of the maker (cma only).  The killer waits
     until the maker has exited before it goes on, so that what follows is the
     same on every run.  Installed before the fork: workers have it too.
@@ -397,7 +398,8 @@ def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fe
         """Whether this is the first pull; any other waits for the kill (a join pulls
         its chunks by several threads: none may finish first by chance)."""
         me = os.getpid()
-        if (me != puller if puller is not None else me == parent) or me == victim():
+        if (me != puller if puller is not None else me == parent) or (
+                victim is not None and me == victim()):
             return False
         with lock:
             first = not done
@@ -434,12 +436,12 @@ def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fe
 
     def fetch(items):
         if items and mine():
-            kill(int(victim()))
+            kill(int(victim() if victim is not None else items[0].pid))
         return real_fetch(items)
 
     def fetch_into(item, out):
         if mine():
-            kill(int(victim()))
+            kill(int(victim() if victim is not None else item.pid))
         return real_fetch_into(item, out)
 
     for name, hook in (("fetch", fetch), ("fetch_into", fetch_into)):
@@ -501,8 +503,10 @@ def test_worker_killed_while_the_join_pulls_its_chunk(when, monkeypatch, case):
 
     x = da.zeros((256, 2 * 4096), chunks=(256, 4096)).map_blocks(block, dtype="f8")
     expected = np.repeat([0.0, 1.0], 4096)[None, :].repeat(256, axis=0)
-    kill_maker_in_pull(monkeypatch, case, lambda: slots[0], when, puller=os.getpid(),
-                       at=("fetch_into",))
+    # chunks are pulled into their slots as they arrive: the maker of the first one
+    # pulled is killed (under shm, that of chunk 0: the stand-in names no process)
+    kill_maker_in_pull(monkeypatch, case, None if pulled() else (lambda: slots[0]), when,
+                       puller=os.getpid(), at=("fetch_into",))
     if not pulled():  # in shared memory: the join finds the chunk whole
         with case.timed():
             np.testing.assert_array_equal(x.compute(scheduler=dask_sharedmem.get, num_workers=2),
