@@ -377,7 +377,8 @@ def pulled():
     return transports.choose() == "cma"
 
 
-def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fetch_into")):
+def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fetch_into"),
+                       nth=1):
     """Kill the maker of a large value in the first pull of it: the pull then finds it gone.
 
     ``puller`` is the pid of the process that pulls (None: any worker).
@@ -389,6 +390,7 @@ def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fe
     has copied half of them out of the maker (cma only).  The killer waits
     until the maker has exited before it goes on, so that what follows is the
     same on every run.  Installed before the fork: workers have it too.
+    ``nth``: the kill comes in the nth pull (the first ones go through).
     """
     parent = os.getpid()
     done = []
@@ -402,9 +404,9 @@ def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fe
                 victim is not None and me == victim()):
             return False
         with lock:
-            first = not done
             done.append(1)
-        if not first:
+            first = len(done) == nth
+        if len(done) > nth:
             killed.wait(20)
         return first
 
@@ -504,9 +506,14 @@ def test_worker_killed_while_the_join_pulls_its_chunk(when, monkeypatch, case):
     x = da.zeros((256, 2 * 4096), chunks=(256, 4096)).map_blocks(block, dtype="f8")
     expected = np.repeat([0.0, 1.0], 4096)[None, :].repeat(256, axis=0)
     # chunks are pulled into their slots as they arrive: the maker of the first one
-    # pulled is killed (under shm, that of chunk 0: the stand-in names no process)
-    kill_maker_in_pull(monkeypatch, case, None if pulled() else (lambda: slots[0]), when,
-                       puller=os.getpid(), at=("fetch_into",))
+    # pulled is killed; under shm (whose stand-ins name no process) that of chunk 0,
+    # once both have arrived
+    if pulled():
+        kill_maker_in_pull(monkeypatch, case, None, when, puller=os.getpid(),
+                           at=("fetch_into",))
+    else:
+        kill_maker_in_pull(monkeypatch, case, lambda: slots[0], when, puller=os.getpid(),
+                           at=("fetch_into",), nth=2)
     if not pulled():  # in shared memory: the join finds the chunk whole
         with case.timed():
             np.testing.assert_array_equal(x.compute(scheduler=dask_sharedmem.get, num_workers=2),
