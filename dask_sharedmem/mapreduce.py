@@ -81,15 +81,8 @@ from dask.callbacks import Callback, unpack_callbacks
 
 from . import memory
 from .channel import dumps
-from .pool import (
-    UnreadableResult,
-    WorkerDied,
-    Workers,
-    cpu_count,
-    pack_exception,
-    unpack_exception,
-    worker_count,
-)
+from .pool import UnreadableResult, WorkerDied, Workers, cpu_count, worker_count
+from .remote import pack_exception, unpack_exception
 
 __all__ = [
     "LostExceptionType",

@@ -108,15 +108,8 @@ from dask.order import order
 from dask.utils import key_split
 
 from . import channel, forksafe, joins, memory, transports
-from .pool import (
-    UnreadableResult,
-    WorkerDied,
-    Workers,
-    cpu_count,
-    pack_exception,
-    unpack_exception,
-    worker_count,
-)
+from .pool import UnreadableResult, WorkerDied, Workers, cpu_count, worker_count
+from .remote import pack_exception, unpack_exception
 
 __all__ = ["get"]
 

@@ -71,7 +71,7 @@ from dask_sharedmem import (
     pool,
     transports,
 )
-from dask_sharedmem.pool import LostException, RemoteTraceback
+from dask_sharedmem.remote import LostException, RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks", "always_fork")]
 

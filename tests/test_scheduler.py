@@ -36,7 +36,7 @@ from dask.utils_test import GetFunctionTestMixin, inc
 
 import dask_sharedmem
 from dask_sharedmem import channel, joins, memory, transports
-from dask_sharedmem.pool import RemoteTraceback
+from dask_sharedmem.remote import RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
