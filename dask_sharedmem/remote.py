@@ -11,7 +11,7 @@ without calling a Python ``__init__``, with its chain, whatever is imported;
 what does not pickle (an attribute, a slot, a cause) is left out and named in
 the traceback text, and ``str()`` is never needed; a class that pickle cannot
 find by name (defined inside a function) is the parent's own, found by
-identity (channel.py).  :func:`unpack_exception` attaches the worker's
+identity (identity.py).  :func:`unpack_exception` attaches the worker's
 traceback as the exception's ``__cause__`` (as ``concurrent.futures`` does),
 followed by the original cause.  Only an exception that still cannot make the
 round trip (its ``args`` do not pickle, its class was made in the worker and
@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from . import channel
+from . import identity
 
 # -- remote warnings ----------------------------------------------------------
 
@@ -192,7 +192,7 @@ class _ExceptionPickler(pickle.Pickler):
     ``__dict__`` and the ``__slots__`` that are set, and its chain -- unless its
     class has a ``__reduce__`` of its own, which is then used as it is.  A
     class that pickle cannot find by name (one defined inside a function)
-    crosses by identity, as a result's does (``channel._reduce_by_identity``).
+    crosses by identity, as a result's does (``identity.reduce``).
 
     Slots matter because no ``__init__`` runs: ``BaseException.__reduce__``
     leaves them out (``cls(*args)`` would set them again), and a class that
@@ -212,7 +212,7 @@ class _ExceptionPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, BaseException):
-            return (channel._reduce_by_identity(obj) if isinstance(obj, channel._BY_IDENTITY)
+            return (identity.reduce(obj) if isinstance(obj, identity.KINDS)
                     else NotImplemented)
         cls = type(obj)
         reduced = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["memory", "transports", "transports.cma", "transports.shm", "channel", "joins",
-           "remote", "pool", "forksafe", "mapreduce", "scheduler"]
+           "identity", "remote", "pool", "forksafe", "mapreduce", "scheduler"]
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
