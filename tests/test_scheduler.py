@@ -1282,6 +1282,6 @@ def test_a_graph_too_big_to_run_here_is_not_remembered():
     task alone exceeds sharedmem.inline) are not kept: the memory of names stays small."""
     dsk = {f"t-{i}": (inc, i) for i in range(2000)}
     dask_sharedmem.get(dsk, list(dsk))
-    assert not dask_sharedmem.scheduler._DURATIONS
+    assert not dask_sharedmem.inline._DURATIONS
     dask_sharedmem.get({"x": (inc, 1)}, "x")
-    assert "x" in dask_sharedmem.scheduler._DURATIONS
+    assert "x" in dask_sharedmem.inline._DURATIONS
