@@ -62,6 +62,7 @@ import os
 import pickle
 import socket
 import struct
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -157,7 +158,12 @@ class _ValuePickler(pickle.Pickler):
             data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
             return _retyped, (pickle.PickleBuffer(data), obj.dtype, obj.shape)  # type: ignore[arg-type]
         if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
-            return np.ascontiguousarray(obj).__reduce_ex__(5)
+            # a slice of a larger array (dask's rechunk splits): its rows are pulled
+            # where they lie; else (short runs, or shm) a contiguous copy crosses
+            k = self.outbox.offer_strided(obj)
+            if k is None:
+                return np.ascontiguousarray(obj).__reduce_ex__(5)
+            return _from_item, (_Slot(k), obj.shape, obj.dtype)
         return NotImplemented
 
 
@@ -174,6 +180,31 @@ def _buffer(outbox: transports.Outbox, threshold: int | None, segments: set[int]
         return True
     outbox.offer(buf)
     return False
+
+
+class _Slot:
+    """Stands, in a pickle, for the stand-in ``k`` of the message: its fetched buffer."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __reduce__(self) -> tuple:
+        return _fetched_item, (self.k,)
+
+
+def _fetched_item(k: int) -> Any:
+    return _loading.buffers[k]
+
+
+def _from_item(buf: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A strided array, pulled into new memory in C order."""
+    return np.frombuffer(buf, np.uint8).view(dtype).reshape(shape)
+
+
+#: .buffers: the fetched stand-ins of the value being unpickled in this thread
+_loading = threading.local()
 
 
 class _Whole:
@@ -264,7 +295,14 @@ def _keep(obj: Any, outbox: transports.Outbox, reuse: bool = False) -> int:
 def _fetched(body: Any, items: list) -> Any:
     try:
         buffers = transports.fetch(items)
-        return pickle.loads(body, buffers=buffers)
+        outer, _loading.buffers = getattr(_loading, "buffers", None), buffers
+        try:
+            # out-of-band buffers are consumed in order; a strided offer is not one of
+            # them (its _Slot names its stand-in): it is skipped here
+            return pickle.loads(body, buffers=[b for b, i in zip(buffers, items, strict=True)
+                                               if not _strided(i)])
+        finally:
+            _loading.buffers = outer
     except (MemoryError, transports.cma.CmaError):
         raise
     except Exception as e:
@@ -272,6 +310,10 @@ def _fetched(body: Any, items: list) -> Any:
         # or __setstate__ that fails, a class this process cannot import):
         # raise one type that says so, whatever the reconstructor raised
         raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
+
+
+def _strided(item: Any) -> bool:
+    return isinstance(item, transports.Offer) and item.layout is not None
 
 
 # -- held values ---------------------------------------------------------------

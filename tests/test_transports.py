@@ -152,3 +152,25 @@ def test_workers_of_a_session_read_each_other():
     with dask.config.set({"sharedmem.inline": 0, "sharedmem.transport": "cma"}):
         a, b, here = dask_sharedmem.get(dsk, "c", num_workers=2)
     assert a != b and here in (a, b)  # one input was made by the other worker
+
+
+@needs_cma
+def test_a_slice_of_a_larger_array_is_pulled_where_its_rows_lie():
+    """A strided result (dask's rechunk splits) is offered as it lies: the receiver
+    pulls its rows, with no contiguous copy made in the maker first."""
+    from dask_sharedmem import channel
+
+    a = np.arange(64 * 8192.0).reshape(64, 8192)
+    view = a[::2, 1024:5000]
+    body, outbox = channel._dumps_value({"v": view, "w": a[:, ::3]}, "cma", 65536)
+    strided = [i for i in outbox.items if i.layout is not None]
+    assert len(strided) == 1 and strided[0].address == view.ctypes.data
+    got = channel._fetched(body, outbox.items)
+    np.testing.assert_array_equal(got["v"], view)  # rows of 8 KB: pulled as they lie
+    np.testing.assert_array_equal(got["w"], a[:, ::3])  # 8-byte runs: a copy crossed
+    assert got["v"].flags.c_contiguous
+    slot = np.zeros((40, 3976))[4:36]
+    transports.fetch_into(strided[0], slot)
+    np.testing.assert_array_equal(slot, view)
+    _, shm_box = channel._dumps_value(view, "shm", 65536)
+    assert all(getattr(i, "layout", None) is None for i in shm_box.items)

@@ -67,11 +67,20 @@ _PARALLEL_MIN = 32 << 20
 
 
 class Offer(NamedTuple):
-    """A cma stand-in: ``nbytes`` at ``address`` in process ``pid``."""
+    """A cma stand-in: ``nbytes`` at ``address`` in process ``pid``; with a
+    ``layout`` (shape, strides, itemsize), the bytes of a strided array there,
+    in C order (pulled piece by piece: no contiguous copy in the maker)."""
 
     pid: int
     address: int
     nbytes: int
+    layout: tuple | None = None
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """Where its bytes are in the maker, in order: (address, length) pairs."""
+        if self.layout is None:
+            return [(self.address, self.nbytes)] if self.nbytes else []
+        return _pieces(self.address, *self.layout) or []
 
 
 def new_session() -> None:
@@ -140,6 +149,16 @@ class Outbox:
             self.items[k] = shm.copy([view])[0]
         return k
 
+    def offer_strided(self, a: np.ndarray) -> int | None:
+        """Offer a strided array whose contiguous runs are long enough to be pulled
+        one by one (cma only); None if it is not worth it: the caller copies it."""
+        if self.room != "cma" or _pieces(a.ctypes.data, a.shape, a.strides, a.itemsize) is None:
+            return None
+        self.items.append(Offer(os.getpid(), a.ctypes.data, a.nbytes,
+                                (a.shape, a.strides, a.itemsize)))
+        self.keep.append(a)
+        return len(self.items) - 1
+
     def close(self) -> list[Any]:
         """The stand-ins, once every offer is in place (shm packs the small ones)."""
         if self._pack:
@@ -175,7 +194,7 @@ def fetch(items: Sequence[Any]) -> list[Any]:
             buf = _new(items[k].nbytes)
             out[k] = buf
             if buf.nbytes:
-                remote.append((items[k].address, buf.nbytes))
+                remote.extend(items[k].pieces())
                 local.append((buf.ctypes.data, buf.nbytes))
         _pull(pid, remote, local)
     return out
@@ -224,7 +243,7 @@ def fetch_into(item: Any, out: np.ndarray) -> None:
         data = fetch([item])[0]
         out[...] = np.frombuffer(data, out.dtype).reshape(out.shape)
         return
-    _pull(item.pid, [(item.address, item.nbytes)], runs)
+    _pull(item.pid, item.pieces(), runs)
 
 
 #: pieces of a strided destination shorter than this are not pulled one by one
@@ -235,17 +254,30 @@ def _runs(a: np.ndarray) -> list[tuple[int, int]] | None:
     """``a``'s memory as contiguous runs in C order, or None if they would be short."""
     if a.flags.c_contiguous:
         return [(a.ctypes.data, a.nbytes)]
-    k, run = a.ndim, a.itemsize
-    while k and (a.shape[k - 1] == 1 or a.strides[k - 1] == run):  # the contiguous tail
-        run *= a.shape[k - 1]
+    return _pieces(a.ctypes.data, a.shape, a.strides, a.itemsize)
+
+
+def _pieces(address: int, shape: tuple, strides: tuple,
+            itemsize: int) -> list[tuple[int, int]] | None:
+    """The memory of an array of that layout at ``address`` as contiguous runs in C
+    order, or None if the runs would be shorter than _RUN_MIN (or go backwards).
+
+    >>> _pieces(1000, (2, 3), (8192, 8), 8) is None  # runs of 24 bytes
+    True
+    >>> _pieces(1000, (2, 1024), (16384, 8), 8)
+    [(1000, 8192), (17384, 8192)]
+    """
+    k, run = len(shape), itemsize
+    while k and (shape[k - 1] == 1 or strides[k - 1] == run):  # the contiguous tail
+        run *= shape[k - 1]
         k -= 1
-    if run < _RUN_MIN:
+    if run < _RUN_MIN or any(s < 0 for n, s in zip(shape[:k], strides[:k], strict=True)
+                             if n > 1):
         return None
     offsets = np.zeros(1, dtype=np.intp)
-    for n, stride in zip(a.shape[:k], a.strides[:k], strict=True):
+    for n, stride in zip(shape[:k], strides[:k], strict=True):
         offsets = (offsets[:, None] + np.arange(n, dtype=np.intp) * stride).ravel()
-    base = a.ctypes.data
-    return [(base + int(o), run) for o in offsets]
+    return [(address + int(o), run) for o in offsets]
 
 
 def _pull(pid: int, remote: list, local: list) -> None:
