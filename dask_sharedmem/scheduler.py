@@ -561,8 +561,8 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     held = []
     for key, res, took in out:
         try:
-            held.append((key, None if res is None else channel.hold(res, threshold=threshold),
-                         took))
+            held.append((key, res if _small(res, threshold) else
+                         channel.hold(res, threshold=threshold), took))
         except Exception as e:
             err = TypeError(f"the result of task {key!r} (of type "
                             f"{type(res).__module__}.{type(res).__qualname__}) cannot "
@@ -572,6 +572,23 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     writes = [(ident, index, channel.hold(x, threshold=threshold))
               for ident, index, x in writes]
     chan.send(("done", held, seconds, writes))
+
+
+_SCALARS = (int, float, complex, bool, str, type(None), np.generic)
+
+
+def _small(res: Any, threshold: int | None) -> bool:
+    """Whether a result crosses as it is: a scalar, or a small plain numpy array
+    (holding it would pickle it twice, for nothing to keep; most tasks of large
+    graphs return these).
+
+    >>> _small(3, 65536), _small(np.zeros(10), 65536), _small(np.zeros(10**5), 65536)
+    (True, True, False)
+    """
+    if type(res) in _SCALARS or isinstance(res, np.generic):
+        return type(res) is not str or len(res) < 4096
+    return (type(res) is np.ndarray and not res.dtype.hasobject
+            and res.nbytes < (threshold or 0) and memory._segment_of(res) is None)
 
 
 def _lost(e: WorkerDied, values: Mapping, needed_by: Any = None) -> WorkerDied:
