@@ -97,8 +97,9 @@ class Early:
                 self.outputs[key] = [shape, dtype, None, len(slots)]
                 self.slots.update((chunk, (key, index)) for chunk, index in slots.items())
 
-    def place(self, key: Any, held: Held) -> None:
-        """Pull the chunk ``key`` into its slot now, if it fits it (else its join waits)."""
+    def place(self, key: Any, value: Any) -> None:
+        """Put the chunk ``key`` in its slot now, if it fits it (else its join waits):
+        pulled from its worker if held there, else copied (a small one came whole)."""
         join_key, index = self.slots.pop(key)
         entry = self.outputs.get(join_key)
         if entry is None:
@@ -106,7 +107,15 @@ class Early:
         shape, dtype, out, _ = entry
         if out is None:
             out = entry[2] = np.empty(shape, dtype)
-        if held.into(out[index]):
+        slot = out[index]
+        if isinstance(value, Held):
+            fits = value.into(slot)
+        else:
+            fits = type(value) is np.ndarray and (value.shape, value.dtype) == (slot.shape,
+                                                                             slot.dtype)
+            if fits:
+                slot[...] = value
+        if fits:
             entry[3] -= 1
         else:  # another shape or dtype than the annotations said: join at the end
             del self.outputs[join_key]

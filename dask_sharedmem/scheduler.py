@@ -469,15 +469,15 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
             else:
                 ready.remove(key)
             start(key)
+        if key in early.slots:  # a chunk of the caller's array: into its slot now
+            try:
+                early.place(key, res)
+            except transports.cma.MakerGone as e:
+                raise _lost(w.died(e.pid), {key: res}) from None
         if isinstance(res, channel.Held) and rank < nworkers:
             channel.on_drop(res, w.channels[rank].acks)
             # what the caller gets is fetched as it arrives, while other tasks run;
             # so are the values that callbacks look at (dask.cache.Cache keeps them)
-            if key in early.slots:  # a chunk of the caller's array: into its slot now
-                try:
-                    early.place(key, res)
-                except transports.cma.MakerGone as e:
-                    raise _lost(w.died(e.pid), {key: res}) from None
             if key in wanted or values_seen:
                 res = fetch(res, key, rank)
         cache[key] = forksafe.resolve(targets, res)
