@@ -203,7 +203,6 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     nworkers = _num_workers(num_workers)
     if threshold is None:
         threshold = dask.config.get("sharedmem.threshold", channel.DEFAULT_THRESHOLD)
-    known = joins.layouts(dsk)  # the caller's arrays' layouts, for their joins
     if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
         dsk = dsk.__dask_graph__()
     wanted = _check_arguments(dsk, keys, threshold, cache)
@@ -259,14 +258,13 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                     else:  # slower than estimated: workers for the rest, callbacks as they are
                         left = len(state["ready"]) + len(state["waiting"])
                         _run(dsk, prepared, state, wanted, keyorder, min(nworkers, left),
-                             threshold, [], [], pretask_cbs, posttask_cbs, started, timings,
-                             known)
+                             threshold, [], [], pretask_cbs, posttask_cbs, started, timings)
                     break
                 prepared = forksafe.prepare(dsk)
                 try:
                     _run(dsk, prepared, state, wanted, keyorder,
                          min(nworkers, ntasks), threshold, start_cbs if not started else [],
-                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings, known)
+                         start_state_cbs, pretask_cbs, posttask_cbs, started, timings)
                 except _GraphChanged:  # fork again, with what the callbacks put in
                     continue
                 break
@@ -304,7 +302,7 @@ def _plain(cache: dict, wanted: set) -> dict:
 def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
          keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
          start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
-         timings: inline.Timings, known: dict) -> None:
+         timings: inline.Timings) -> None:
     """Fork the workers and run the graph on them (``prepared``: ``dsk`` as
     ``forksafe.prepare`` makes it safe to fork with, the stores' targets, and
     those left out of the workers' memory while they live).
@@ -318,7 +316,6 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
     before = dict(dsk) if start_cbs else None
     runnable, targets = prepared.graph, prepared.targets
     here = joins.join_keys(runnable, wanted)
-    early = joins.Early(runnable, here, known)
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
@@ -450,9 +447,7 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
         began = time.perf_counter()
         try:
             with memory.plain_arrivals():
-                res = early.result(key)
-                if res is None:
-                    res = joins.join(runnable[key], data)
+                res = joins.join(runnable[key], data)
         except transports.cma.MakerGone as e:
             raise _lost(w.died(e.pid), data, key) from None
         except pickle.UnpicklingError as e:
@@ -469,11 +464,6 @@ def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
             else:
                 ready.remove(key)
             start(key)
-        if key in early.slots:  # a chunk of the caller's array: into its slot now
-            try:
-                early.place(key, res)
-            except transports.cma.MakerGone as e:
-                raise _lost(w.died(e.pid), {key: res}) from None
         if isinstance(res, channel.Held) and rank < nworkers:
             channel.on_drop(res, w.channels[rank].acks)
             # what the caller gets is fetched as it arrives, while other tasks run;

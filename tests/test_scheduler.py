@@ -10,6 +10,8 @@ behind, after errors too).  Nothing here asserts on timing.
 import collections
 import faulthandler
 import io
+import itertools
+import math
 import operator
 import os
 import pickle
@@ -333,51 +335,53 @@ def test_large_result_is_a_plain_ndarray():
     assert live_segments() == before
 
 
-class Placed:
-    """Counts the chunks placed in the joined array as they arrive, and the joins
-    left to the end (joins.Early / joins.join)."""
+class Joined:
+    """Counts the joins run in the caller (joins.join) and the chunks pulled straight
+    into their slots (channel.Held.into)."""
 
     def __init__(self, monkeypatch):
-        self.early, self.at_end = 0, 0
-        place, join = joins.Early.place, joins.join
-
-        def counting_place(early, key, held):
-            self.early += 1
-            return place(early, key, held)
+        self.joins, self.placed = 0, 0
+        join, into = joins.join, channel.Held.into
 
         def counting_join(task, data):
-            self.at_end += 1
+            self.joins += 1
             return join(task, data)
 
-        monkeypatch.setattr(joins.Early, "place", counting_place)
+        def counting_into(held, out):
+            placed = into(held, out)
+            self.placed += placed
+            return placed
+
         monkeypatch.setattr(joins, "join", counting_join)
+        monkeypatch.setattr(channel.Held, "into", counting_into)
 
 
 @pytest.mark.usefixtures("always_fork")
 @pytest.mark.parametrize("case", ["regular", "irregular", "3-d", "fortran chunks", "f4"])
-def test_chunks_are_placed_in_the_joined_array_as_they_arrive(monkeypatch, case):
-    """Large chunks are pulled into their slots, small ones copied from the message;
-    either way as they arrive, and the join at the end finds nothing left to do."""
+def test_chunks_are_pulled_into_their_slots_of_the_joined_array(monkeypatch, case):
+    """Large chunks are pulled into their slots, small ones copied from the message."""
     base = np.random.default_rng(1).random((600, 400))
     x = {"regular": lambda: da.from_array(base, chunks=(200, 100)),
          "irregular": lambda: da.from_array(base, chunks=((10, 290, 250, 50), (7, 393))),
-         "3-d": lambda: da.from_array(base.reshape(60, 10, 400), chunks=(7, 3, 128)),
+         "3-d": lambda: da.from_array(base.reshape(60, 10, 400), chunks=(17, 5, 400)),
          "fortran chunks": lambda: da.from_array(base, chunks=(200, 100)).map_blocks(
              np.asfortranarray),
          "f4": lambda: da.from_array(base.astype("f4"), chunks=(300, 400))}[case]()
     y = da.sqrt(x) + 1
-    placed = Placed(monkeypatch)
+    joined = Joined(monkeypatch)
     got = y.compute(scheduler=dask_sharedmem.get, num_workers=2)
     want = y.compute(scheduler="threads")
     assert type(got) is np.ndarray and got.flags.c_contiguous
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    assert (placed.early, placed.at_end) == (x.npartitions, 0)
+    large = sum(math.prod(shape) * y.dtype.itemsize >= channel.DEFAULT_THRESHOLD
+                for shape in itertools.product(*y.chunks))
+    assert (joined.joins, joined.placed) == (1, large) and large
 
 
 @pytest.mark.usefixtures("always_fork")
 @pytest.mark.parametrize("case", ["shape", "dtype"])
-def test_chunks_unlike_their_annotations_are_joined_as_threads_join_them(monkeypatch, case):
+def test_chunks_unlike_their_annotations_are_joined_as_threads_join_them(case):
     """map_blocks told nothing of what its function does: dask's annotations are wrong,
     and threads' join (concatenate3) goes by the chunks themselves."""
     x = da.from_array(np.arange(400_000.0).reshape(800, 500), chunks=(200, 500))
@@ -385,12 +389,10 @@ def test_chunks_unlike_their_annotations_are_joined_as_threads_join_them(monkeyp
         y = x.map_blocks(lambda b: b[:-1], chunks=x.chunks)
     else:  # told the dtype stays float64
         y = x.map_blocks(lambda b: b.astype("f4"), dtype="f8")
-    placed = Placed(monkeypatch)
     got = y.compute(scheduler=dask_sharedmem.get, num_workers=2)
     want = y.compute(scheduler="threads")
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    assert placed.at_end == 1
 
 
 N_BIG = 200_000  # 1.6 MB of float64: above the threshold
