@@ -504,6 +504,129 @@ def _store_make(key, ctx, cfg):
 
 each_scheduler("store", _store_make, note=_gil_note)
 
+def each_of(name: str, make: Any, keys: tuple[str, ...], note: Any = None) -> None:
+    """Register ``make`` for the schedulers ``keys`` only (those that share memory:
+    the others write into copies, or take tens of seconds a call)."""
+    note = note or default_note
+    CALLS.setdefault(name, (make, note))
+    for key in keys:
+        RUNNERS.setdefault(name, []).append(Runner(
+            SCHEDULERS[key], functools.partial(make, key), functools.partial(note, key)))
+
+
+_IN_MEMORY = ("sync", "threads", "sharedmem")
+
+
+def _store_numpy_setup(cfg: Config) -> Any:
+    ctx = _large_setup(cfg)
+    ctx.out = np.zeros(ctx.n)  # made before the fork, every page touched
+    return ctx
+
+
+workload(Workload(
+    name="store-numpy",
+    label="3c",
+    group=GROUP,
+    title=lambda cfg, ctx: (
+        f"Large in, large out: `da.store(da.sqrt(x) + 1, out, lock=False)` into a plain numpy "
+        f"`out` (made before the call, every page touched; zeroed untimed before each call) "
+        f"on a {ctx.nbytes / 2**20:.0f} MB float64 shared array in {ctx.chunks} chunks; "
+        f"{cfg.workers} workers"),
+    setup=_store_numpy_setup,
+    check=_store_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+
+def _store_numpy_make(key, ctx, cfg):
+    kw = compute_kwargs(key, cfg)
+    graph, out = ctx.graphs["shared"], ctx.out
+
+    def zero():
+        out[...] = 0
+
+    return Run(lambda: da.store(graph, out, lock=False, **kw), before=zero)
+
+
+each_of("store-numpy", _store_numpy_make, _IN_MEMORY)
+
+
+def _square_setup(cfg: Config) -> Any:
+    side = int(round((cfg.array_bytes // 8) ** 0.5))
+    block = max(1, side // int(round(cfg.chunks ** 0.5)))
+    x = dask_sharedmem.empty((side, side))
+    _work.fill(x.reshape(-1), block * side)
+    y = da.sqrt(da.from_array(x, chunks=block)) + 1
+    rows = da.sqrt(da.from_array(x, chunks=(block, side))) + 1
+    expected = (np.sqrt(x[::97, ::89]) + 1) + (np.sqrt(x.T[::97, ::89]) + 1)
+    return types.SimpleNamespace(x=x, side=side, block=block, nbytes=x.nbytes, chunks=cfg.chunks,
+                                 graphs={"transpose": y + y.T,
+                                         "rechunk": rows.rechunk((side, block))},
+                                 expected=np.asarray(expected),
+                                 rechunked=np.asarray(np.sqrt(x[::97, ::89]) + 1))
+
+
+def _transpose_check(ctx: Any, r: Any) -> str | None:
+    if not isinstance(r, np.ndarray) or r.shape != (ctx.side, ctx.side):
+        return f"expected an array of shape ({ctx.side}, {ctx.side}), got {type(r).__name__}"
+    return None if np.array_equal(r[::97, ::89], ctx.expected) else "values differ from numpy's"
+
+
+def _rechunk_check(ctx: Any, r: Any) -> str | None:
+    if not isinstance(r, np.ndarray) or r.shape != (ctx.side, ctx.side):
+        return f"expected an array of shape ({ctx.side}, {ctx.side}), got {type(r).__name__}"
+    return None if np.array_equal(r[::97, ::89], ctx.rechunked) else "values differ from numpy's"
+
+
+def _square_title(cfg: Config, ctx: Any, what: str) -> str:
+    return (f"Data between workers: {what}, x a {ctx.side}x{ctx.side} float64 shared array "
+            f"({ctx.nbytes / 2**20:.0f} MB); {cfg.workers} workers")
+
+
+workload(Workload(
+    name="transpose",
+    label="3d",
+    group=GROUP,
+    title=lambda cfg, ctx: _square_title(
+        cfg, ctx, f"`y = da.sqrt(x) + 1; (y + y.T).compute()` in {ctx.block}x{ctx.block} "
+                  "chunks (each output chunk needs a chunk another task made)"),
+    setup=_square_setup,
+    check=_transpose_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+workload(Workload(
+    name="rechunk",
+    label="3e",
+    group=GROUP,
+    title=lambda cfg, ctx: _square_title(
+        cfg, ctx, f"`(da.sqrt(x) + 1).rechunk(...).compute()`, rows of {ctx.block} to "
+                  f"columns of {ctx.block} (every output chunk takes a slice of every "
+                  "input chunk)"),
+    setup=_square_setup,
+    check=_rechunk_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+
+def _square_make(name):
+    def make(key, ctx, cfg):
+        kw = compute_kwargs(key, cfg)
+        graph = ctx.graphs[name]
+        return lambda: dask.compute(graph, **kw)[0]
+    return make
+
+
+each_of("transpose", _square_make("transpose"), _IN_MEMORY)
+each_of("rechunk", _square_make("rechunk"), _IN_MEMORY)
+
+
 # --------------------------------------------------------------------------
 # sharedmem.inline: small graphs run in the caller, unless it is 0
 # --------------------------------------------------------------------------
