@@ -8,7 +8,10 @@ docstrings, bad input) run in it:
   as most users install it;
 * the oldest dask and numpy that pyproject.toml admits;
 * each other Python >= 3.10 found on the machine (pyenv's, or on PATH),
-  with a plain ``pip install .``; an absent one is a printed line.
+  with a plain ``pip install .``; an absent one is a printed line;
+* the fallback transport forced (``sharedmem.transport: shm``, as where the
+  kernel refuses ``process_vm_readv``): the pool, MapReduce, scheduler and
+  fault tests.
 
 At the end it prints the table of every run, the README's full run first,
 and exits 1 if any run failed.
@@ -32,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["tests/test_memory.py", "tests/test_pool.py", "tests/test_mapreduce.py",
          "tests/test_scheduler.py", "tests/test_warnings.py", "tests/test_doctests.py",
          "tests/test_bad_input.py"]
+SHM_TESTS = ["tests/test_pool.py", "tests/test_mapreduce.py", "tests/test_scheduler.py",
+             "tests/test_faults.py"]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13", "3.14"]
 VERSIONS = ("import sys, importlib.metadata as m\n"
             "def v(name):\n"
@@ -82,8 +87,9 @@ def run(cmd: list[str], log, **kw) -> int:
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, **kw).returncode
 
 
-def smoke(label: str, python: str, installs: list[list[str]], logdir: str) -> dict:
-    """One row: a new venv, the installs, the smoke tests; its result."""
+def smoke(label: str, python: str, installs: list[list[str]], logdir: str,
+          tests: list[str] = SMOKE, env: dict | None = None) -> dict:
+    """One row: a new venv, the installs, the tests (the smoke tests); its result."""
     row = {"label": label, "versions": ["?"] * 4, "status": "failed"}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dask_sharedmem-ci-") as tmp, \
@@ -95,8 +101,8 @@ def smoke(label: str, python: str, installs: list[list[str]], logdir: str) -> di
             ok = ok and run([py, "-m", "pip", "install", "-q", *args], log, cwd=ROOT) == 0
         if ok:
             row["versions"] = versions(py)
-            code = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SMOKE], log,
-                       cwd=ROOT)
+            code = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], log,
+                       cwd=ROOT, env={**os.environ, **(env or {})})
             log.seek(0)
             row.update(summary(log.read()))
             row["status"] = "passed" if code == 0 else "failed"
@@ -146,6 +152,10 @@ def main() -> int:
             continue
         rows.append(smoke(f"Python {minor}, plain pip install .", python,
                           [["."], ["pytest", "pytest-timeout"]], logdir))
+
+    rows.append(smoke("shm transport forced (DASK_SHAREDMEM__TRANSPORT=shm)", main_python,
+                      [["."], ["pytest", "pytest-timeout"]], logdir, SHM_TESTS,
+                      {"DASK_SHAREDMEM__TRANSPORT": "shm"}))
 
     print("\nVersion matrix")
     head = ["run", "Python", "dask", "distributed", "numpy", "passed", "failed", "skipped",

@@ -15,6 +15,8 @@ Registered with the suite (``python benchmarks/run.py --only scheduler``):
 Every workload runs on the same five peers: dask's ``sync``, ``threads`` and
 ``processes`` schedulers, a ``distributed.LocalCluster`` with worker
 processes (started once, outside the timings), and ``dask_sharedmem.get``.
+Workloads 1 to 3 have a sixth where ray is installed, Dask-on-Ray: bench_ray.py
+registers it with the calls of ``CALLS``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ SCHEDULERS = {
     "sharedmem": "dask_sharedmem.get",
 }
 SYNC, THREADS, PROCESSES, DISTRIBUTED, SHAREDMEM = SCHEDULERS.values()
+#: scheduler key "ray": ``ray.util.dask.ray_dask_get``, registered by bench_ray.py
+#: (workloads 1 to 3, where ray is installed) and timed in a helper process
+RAY = "Dask-on-Ray"
 
 #: peers whose workers can read the parent's shared array without a copy
 SHARES_MEMORY = {"sync", "threads", "sharedmem"}
@@ -83,14 +88,25 @@ SHARES_MEMORY = {"sync", "threads", "sharedmem"}
 _PLAIN_NOTE = "graph on a plain copy of x (see below)"
 
 
+def _rows(peers: list[str]) -> str:
+    """``peers`` as markdown: "`a`, `b` and `c`"."""
+    names = [f"`{p}`" for p in peers]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def plain_footer(ctx: Any, results: dict) -> str:
-    return (f"The `{PROCESSES}` and `{DISTRIBUTED}` rows compute the same expression built "
-            "on a plain ndarray copy of x (made untimed, with the graph): dask slices a "
-            "plain ndarray into chunks embedded in the graph, so each task carries only "
-            "its own chunk.  A graph on the shared array itself keeps the array as one "
-            "graph value that every chunk's task depends on, so these schedulers would "
+    ray = RAY in results
+    text = (f"The {_rows([PROCESSES, DISTRIBUTED] + [RAY] * ray)} rows compute the same "
+            "expression built on a plain ndarray copy of x (made untimed, with the graph): "
+            "dask slices a plain ndarray into chunks embedded in the graph, so each task "
+            "carries only its own chunk.  A graph on the shared array itself keeps the array "
+            "as one graph value that every chunk's task depends on, so these schedulers would "
             "pickle the whole array into every task (at 64 MB, 30 to 70 s per call with "
-            "`processes`).")
+            "`processes`")
+    if ray:
+        text += (f"; `{RAY}` put the whole array into its object store for every task: "
+                 "67 and 77 s per call of workload 3a at 512 MB, spilling tens of GB to disk")
+    return text + ")."
 
 
 def default_note(key: str, cfg: Config) -> str:
@@ -103,6 +119,9 @@ def default_note(key: str, cfg: Config) -> str:
                        "in a helper process, started once outside the timings (start-up: "
                        "workload 4)",
         "sharedmem": f"{cfg.workers} workers forked per call",
+        "ray": f"`ray.init(num_cpus={cfg.workers})` once, outside the timings, in a helper "
+               "process that is Ray's driver and times its own calls; "
+               f"{cfg.workers} threads submit the tasks",
     }[key]
 
 
@@ -115,7 +134,20 @@ def compute_kwargs(key: str, cfg: Config, workers: int | None = None) -> dict:
         return {"scheduler": CLUSTER.get_client(cfg)}
     if key == "sharedmem":
         return {"scheduler": dask_sharedmem.get, "num_workers": workers}
+    if key == "ray":
+        return {"scheduler": _ray_dask_get(), "num_workers": workers}
     return {"scheduler": key, "num_workers": workers}
+
+
+def _ray_dask_get() -> Any:
+    """Dask-on-Ray's scheduler, imported only in the process that runs it (bench_ray.py).
+
+    Its ``num_workers`` is the number of threads that submit tasks to Ray; Ray
+    runs them on the workers of ``ray.init(num_cpus=...)``.
+    """
+    from ray.util.dask import ray_dask_get
+
+    return ray_dask_get
 
 
 def raw_get(key: str, cfg: Config) -> Any:
@@ -124,6 +156,8 @@ def raw_get(key: str, cfg: Config) -> Any:
         return dask.get
     if key == "distributed":
         return CLUSTER.get_client(cfg).get
+    if key == "ray":
+        return functools.partial(_ray_dask_get(), num_workers=cfg.workers)
     get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get,
            "sharedmem": dask_sharedmem.get}[key]
     return functools.partial(get, num_workers=cfg.workers)
@@ -131,7 +165,11 @@ def raw_get(key: str, cfg: Config) -> Any:
 
 _GET_NAMES = {"sync": "dask.get", "threads": "dask.threaded.get",
               "processes": "dask.multiprocessing.get", "distributed": "Client.get",
-              "sharedmem": "dask_sharedmem.get"}
+              "sharedmem": "dask_sharedmem.get", "ray": "ray_dask_get"}
+
+#: workload -> (make, note), each given the scheduler key first: how every
+#: scheduler of the workload is called, for peers registered elsewhere (bench_ray.py)
+CALLS: dict[str, tuple[Any, Any]] = {}
 
 
 def each_scheduler(name: str, make: Any, note: Any = None, label: str = "{}") -> None:
@@ -140,6 +178,7 @@ def each_scheduler(name: str, make: Any, note: Any = None, label: str = "{}") ->
     ``note(key, cfg)`` gives the row's note (default: how the peer is set up).
     """
     note = note or default_note
+    CALLS.setdefault(name, (make, note))
     for key, peer in SCHEDULERS.items():
         RUNNERS.setdefault(name, []).append(Runner(
             label.format(peer), functools.partial(make, key), functools.partial(note, key)))
@@ -426,10 +465,11 @@ def _store_writes_through(key: str, cfg: Config) -> None:
 
 
 def _store_footer(ctx: Any, results: dict) -> str:
-    return (f"`{PROCESSES}` and `{DISTRIBUTED}` are checked first on a 1 MB array: their "
-            "workers are processes of their own that get the output array pickled into "
-            "their tasks, so they write into copies and the shared output stays empty; "
-            "they are then not timed.")
+    peers = [PROCESSES, DISTRIBUTED] + [RAY] * (RAY in results)
+    return (f"{_rows(peers)} are checked first on a 1 MB array: their workers are "
+            "processes of their own that get the output array pickled into their tasks, "
+            "so they write into copies and the shared output stays empty; they are then "
+            "not timed.")
 
 
 workload(Workload(
@@ -463,6 +503,129 @@ def _store_make(key, ctx, cfg):
 
 
 each_scheduler("store", _store_make, note=_gil_note)
+
+def each_of(name: str, make: Any, keys: tuple[str, ...], note: Any = None) -> None:
+    """Register ``make`` for the schedulers ``keys`` only (those that share memory:
+    the others write into copies, or take tens of seconds a call)."""
+    note = note or default_note
+    CALLS.setdefault(name, (make, note))
+    for key in keys:
+        RUNNERS.setdefault(name, []).append(Runner(
+            SCHEDULERS[key], functools.partial(make, key), functools.partial(note, key)))
+
+
+_IN_MEMORY = ("sync", "threads", "sharedmem")
+
+
+def _store_numpy_setup(cfg: Config) -> Any:
+    ctx = _large_setup(cfg)
+    ctx.out = np.zeros(ctx.n)  # made before the fork, every page touched
+    return ctx
+
+
+workload(Workload(
+    name="store-numpy",
+    label="3c",
+    group=GROUP,
+    title=lambda cfg, ctx: (
+        f"Large in, large out: `da.store(da.sqrt(x) + 1, out, lock=False)` into a plain numpy "
+        f"`out` (made before the call, every page touched; zeroed untimed before each call) "
+        f"on a {ctx.nbytes / 2**20:.0f} MB float64 shared array in {ctx.chunks} chunks; "
+        f"{cfg.workers} workers"),
+    setup=_store_numpy_setup,
+    check=_store_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+
+def _store_numpy_make(key, ctx, cfg):
+    kw = compute_kwargs(key, cfg)
+    graph, out = ctx.graphs["shared"], ctx.out
+
+    def zero():
+        out[...] = 0
+
+    return Run(lambda: da.store(graph, out, lock=False, **kw), before=zero)
+
+
+each_of("store-numpy", _store_numpy_make, _IN_MEMORY)
+
+
+def _square_setup(cfg: Config) -> Any:
+    side = int(round((cfg.array_bytes // 8) ** 0.5))
+    block = max(1, side // int(round(cfg.chunks ** 0.5)))
+    x = dask_sharedmem.empty((side, side))
+    _work.fill(x.reshape(-1), block * side)
+    y = da.sqrt(da.from_array(x, chunks=block)) + 1
+    rows = da.sqrt(da.from_array(x, chunks=(block, side))) + 1
+    expected = (np.sqrt(x[::97, ::89]) + 1) + (np.sqrt(x.T[::97, ::89]) + 1)
+    return types.SimpleNamespace(x=x, side=side, block=block, nbytes=x.nbytes, chunks=cfg.chunks,
+                                 graphs={"transpose": y + y.T,
+                                         "rechunk": rows.rechunk((side, block))},
+                                 expected=np.asarray(expected),
+                                 rechunked=np.asarray(np.sqrt(x[::97, ::89]) + 1))
+
+
+def _transpose_check(ctx: Any, r: Any) -> str | None:
+    if not isinstance(r, np.ndarray) or r.shape != (ctx.side, ctx.side):
+        return f"expected an array of shape ({ctx.side}, {ctx.side}), got {type(r).__name__}"
+    return None if np.array_equal(r[::97, ::89], ctx.expected) else "values differ from numpy's"
+
+
+def _rechunk_check(ctx: Any, r: Any) -> str | None:
+    if not isinstance(r, np.ndarray) or r.shape != (ctx.side, ctx.side):
+        return f"expected an array of shape ({ctx.side}, {ctx.side}), got {type(r).__name__}"
+    return None if np.array_equal(r[::97, ::89], ctx.rechunked) else "values differ from numpy's"
+
+
+def _square_title(cfg: Config, ctx: Any, what: str) -> str:
+    return (f"Data between workers: {what}, x a {ctx.side}x{ctx.side} float64 shared array "
+            f"({ctx.nbytes / 2**20:.0f} MB); {cfg.workers} workers")
+
+
+workload(Workload(
+    name="transpose",
+    label="3d",
+    group=GROUP,
+    title=lambda cfg, ctx: _square_title(
+        cfg, ctx, f"`y = da.sqrt(x) + 1; (y + y.T).compute()` in {ctx.block}x{ctx.block} "
+                  "chunks (each output chunk needs a chunk another task made)"),
+    setup=_square_setup,
+    check=_transpose_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+workload(Workload(
+    name="rechunk",
+    label="3e",
+    group=GROUP,
+    title=lambda cfg, ctx: _square_title(
+        cfg, ctx, f"`(da.sqrt(x) + 1).rechunk(...).compute()`, rows of {ctx.block} to "
+                  f"columns of {ctx.block} (every output chunk takes a slice of every "
+                  "input chunk)"),
+    setup=_square_setup,
+    check=_rechunk_check,
+    columns=[speedup(THREADS, "speed-up vs threads")],
+    plot=Plot("seconds (log)", value=time_bar(), log=True),
+    teardown=_large_teardown,
+))
+
+
+def _square_make(name):
+    def make(key, ctx, cfg):
+        kw = compute_kwargs(key, cfg)
+        graph = ctx.graphs[name]
+        return lambda: dask.compute(graph, **kw)[0]
+    return make
+
+
+each_of("transpose", _square_make("transpose"), _IN_MEMORY)
+each_of("rechunk", _square_make("rechunk"), _IN_MEMORY)
+
 
 # --------------------------------------------------------------------------
 # sharedmem.inline: small graphs run in the caller, unless it is 0

@@ -34,6 +34,7 @@ def _load() -> None:
         sys.path.insert(0, HERE)
     import bench_clients  # noqa: F401
     import bench_mapreduce  # noqa: F401
+    import bench_ray  # noqa: F401  (adds Ray rows to bench_scheduler's workloads)
     import bench_scaling  # noqa: F401
     import bench_scheduler  # noqa: F401
     import bench_startup  # noqa: F401  (each registers its workloads)
@@ -177,6 +178,7 @@ def targets_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _load()
+    import bench_ray
     import harness
     from harness import CLUSTER, WORKLOADS
 
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
           "(peers alternate round-robin), min and max alongside; peers slower than "
           f"{cfg.budget:g} s in all stop after {cfg.min_runs} runs; "
           f"{cfg.workers} workers; {'--quick' if cfg.quick else 'full'} run.", flush=True)
+    skipped = bench_ray.skipped(cfg.only)
+    if skipped:
+        print(f"\n{skipped}", flush=True)
     t0 = time.perf_counter()
     reports: dict[str, dict] = {}
     group = None
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             if w.group != group:
                 group = w.group
                 print(f"\n## {group}", flush=True)
-            started = CLUSTER.startup
+            started, ray_started = CLUSTER.startup, bench_ray.DRIVER.startup
             report = harness.run_workload(w, cfg)
             reports[name] = report
             print(f"\n### {report['label']}. {report['title']}\n\n{report['table']}\n\n"
@@ -206,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                       "threads_per_worker=1, processes=True)`, run in a helper process, and "
                       "a `Client` to it in this one, started before their first call, "
                       f"outside the timings, in {CLUSTER.startup:.2f} s.", flush=True)
+            if ray_started is None and bench_ray.DRIVER.startup is not None:
+                print(f"\n{bench_ray.startup_line(cfg)}", flush=True)
             if not any(WORKLOADS[n].needs_cluster for n in cfg.only[i + 1:]):
                 CLUSTER.close()
+            if not bench_ray.needed(cfg.only[i + 1:]):
+                bench_ray.DRIVER.close()
     finally:
         CLUSTER.close()
+        bench_ray.DRIVER.close()
         with contextlib.suppress(Exception):
             from bench_mapreduce import loky_shutdown
 
@@ -220,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## Targets (from DESIGN.md), this run\n\n{targets_table(goals)}")
     print(f"\nTotal benchmark time: {total:.0f} s", flush=True)
     doc = {"machine": m, "config": dataclasses.asdict(cfg),
-           "cluster_startup_seconds": CLUSTER.startup, "total_seconds": total,
+           "cluster_startup_seconds": CLUSTER.startup,
+           "ray_init_seconds": bench_ray.DRIVER.init,
+           "ray_startup_seconds": bench_ray.DRIVER.startup, "total_seconds": total,
            "workloads": list(reports.values()), "targets": goals}
     if cfg.json:
         with open(cfg.json, "w") as f:

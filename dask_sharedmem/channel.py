@@ -43,14 +43,6 @@ of the segment table (token all zeros).  Every message in a socket is then
 small, so a sender never blocks waiting for the other side to read -- which
 could deadlock, since the parent and a worker may send to each other at once.
 
-A class or function that pickle cannot find by its name (one defined inside
-a function, a lambda) crosses *by identity*: a process forked after it was
-made has it at the same address, so the receiver takes its own, as threads
-would hand over the very object (see :func:`_reduce_by_identity`).  One
-made after the fork (a class defined inside a task) is not there: it is
-rebuilt from its cloudpickle, which travels beside, as dask's ``processes``
-scheduler sends it.
-
 Reading is incremental (:meth:`Channel.feed`), so the parent can multiplex
 many workers with ``selectors``; workers use the blocking
 :meth:`Channel.recv`.  End of file raises ``EOFError``: that is how the
@@ -61,29 +53,24 @@ from __future__ import annotations
 
 import array
 import contextlib
-import copyreg
 import errno
 import functools
-import gc
 import io
 import itertools
 import mmap
-import operator
 import os
 import pickle
 import socket
 import struct
-import sys
-import types
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import cloudpickle
 import numpy as np
 
-from . import memory, transports
+from . import identity, memory, transports
 
 _HEADER = struct.Struct("=QQQQ")  # stand-ins length, body length, segments, acks
 _SEGMENT = struct.Struct("=24sQ")  # token, size
@@ -150,7 +137,7 @@ class _ValuePickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, np.ndarray):
-            return _reduce_by_identity(obj) if isinstance(obj, _BY_IDENTITY) else NotImplemented
+            return identity.reduce(obj) if isinstance(obj, identity.KINDS) else NotImplemented
         seg = memory._segment_of(obj)
         if seg is not None:
             if not obj.nbytes:
@@ -171,7 +158,12 @@ class _ValuePickler(pickle.Pickler):
             data = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
             return _retyped, (pickle.PickleBuffer(data), obj.dtype, obj.shape)  # type: ignore[arg-type]
         if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
-            return np.ascontiguousarray(obj).__reduce_ex__(5)
+            # a slice of a larger array (dask's rechunk splits): its rows are pulled
+            # where they lie; else (short runs, or shm) a contiguous copy crosses
+            k = self.outbox.offer_strided(obj)
+            if k is None:
+                return np.ascontiguousarray(obj).__reduce_ex__(5)
+            return _from_item, (_Slot(k), obj.shape, obj.dtype)
         return NotImplemented
 
 
@@ -188,6 +180,31 @@ def _buffer(outbox: transports.Outbox, threshold: int | None, segments: set[int]
         return True
     outbox.offer(buf)
     return False
+
+
+class _Slot:
+    """Stands, in a pickle, for the stand-in ``k`` of the message: its fetched buffer."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __reduce__(self) -> tuple:
+        return _fetched_item, (self.k,)
+
+
+def _fetched_item(k: int) -> Any:
+    return _loading.buffers[k]
+
+
+def _from_item(buf: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A strided array, pulled into new memory in C order."""
+    return np.frombuffer(buf, np.uint8).view(dtype).reshape(shape)
+
+
+#: .buffers: the fetched stand-ins of the value being unpickled in this thread
+_loading = threading.local()
 
 
 class _Whole:
@@ -251,107 +268,6 @@ class _HandlePickler(pickle.Pickler):
         return memory._rebuild, (handle, None, np.ndarray)
 
 
-#: what :func:`_reduce_by_identity` takes: the kinds of object pickle writes by name
-_BY_IDENTITY = (type, types.FunctionType)
-#: the classes that pickle writes by a rule of their own, not by name (``save_type``)
-_NAMELESS = (type(None), type(NotImplemented), type(...))
-
-#: (address, module, qualname) -> the class or function there, in this process: found
-#: by :func:`_by_identity`, or sent by :func:`_reduce_by_identity` (then a round trip
-#: in this process, as pool.py's check of an exception's pickle, never searches)
-_known: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-#: (address, module, qualname) searched for here and not found.  An object that this
-#: process makes later can be another process's only if that process forks from
-#: this one afterwards, so the set is emptied at every fork
-_missing: set[tuple[int, str | None, str]] = set()
-_MISSING_MAX = 10_000
-os.register_at_fork(before=_missing.clear)
-
-
-def _reduce_by_identity(obj: Any) -> Any:
-    """How a class or function that pickle cannot find by name crosses: by identity.
-
-    Plain pickle writes a class or function as its module and qualified name,
-    which fails for one defined inside a function (``f.<locals>.Local``), a
-    lambda, or one defined again since (the name gives another object).
-    Threads hand over the very object; so can a forked process, since every
-    object the caller had at the fork is at the same address in the workers:
-    the object is written as ``(address, module, qualname)`` and the receiver
-    takes its own object there (:func:`_by_identity`), so that ``type(r) is
-    Local`` holds in the caller as with threads.  An object made after the
-    fork (a class defined inside a task) is in the sender only: its
-    cloudpickle travels beside and rebuilds it, as dask's ``processes``
-    scheduler would.  The sender cannot tell which case it is in, so it always
-    pays for the cloudpickle (a quarter of a millisecond for a NamedTuple,
-    once per message).  ``NotImplemented`` (plain pickle) for what pickle
-    finds by name, or pickles by a rule of its own or a ``copyreg`` reducer.
-
-    >>> square = lambda v: v * v
-    >>> make, (address, module, qualname, by_value) = _reduce_by_identity(square)
-    >>> make(address, module, qualname, by_value) is square  # found where it is
-    True
-    >>> copy = make(0, module, qualname, by_value)  # not there: rebuilt by value
-    >>> copy is square, copy(3)
-    (False, 9)
-    >>> _reduce_by_identity(np.ndarray), _reduce_by_identity(type(None))
-    (NotImplemented, NotImplemented)
-    """
-    module, qualname = getattr(obj, "__module__", None), obj.__qualname__
-    found = sys.modules.get(module) if isinstance(module, str) else None
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    if found is obj or any(obj is t for t in _NAMELESS) or type(obj) in copyreg.dispatch_table:
-        return NotImplemented
-    try:
-        by_value: bytes | str = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # fine if the receiver has it; it says so if not
-        by_value = f"{type(e).__name__}: {e}"
-    _known[id(obj), module, qualname] = obj
-    return _by_identity, (id(obj), module, qualname, by_value)
-
-
-def _by_identity(address: int, module: str | None, qualname: str, by_value: bytes | str) -> Any:
-    """The class or function that :func:`_reduce_by_identity` wrote, in this process.
-
-    It is this process's own object at ``address``, if it is a class or
-    function of the same module and qualified name; else the one rebuilt from
-    its cloudpickle ``by_value`` (a str: why the sender could not make one).
-    Nothing but the garbage collector's list leads safely from an address to
-    an object: searching it costs 25-90 ms per million objects, so it is done
-    only for these objects, once per address: what was found is remembered
-    while it lives, what was not until this process forks.
-
-    The object found is the sender's unless this process let its own copy
-    die and made another of the same name at the same address, or (for one
-    the sender made after the fork) made one of the same name where the sender
-    did: then it is this process's object of that name, as if defined again.
-    Objects hidden from the collector by ``gc.freeze()`` are not found: they
-    are rebuilt by value.
-    """
-    key = (address, module, qualname)
-    obj = _known.get(key)
-    if obj is None and key not in _missing:
-        objects = gc.get_objects()
-        with contextlib.suppress(ValueError):  # not there
-            obj = objects[operator.indexOf(map(id, objects), address)]
-        del objects
-        if not (isinstance(obj, _BY_IDENTITY) and obj.__module__ == module
-                and obj.__qualname__ == qualname):
-            obj = None
-            if len(_missing) >= _MISSING_MAX:
-                _missing.clear()
-            _missing.add(key)
-        else:
-            _known[key] = obj
-    if obj is not None:
-        return obj
-    if isinstance(by_value, str):
-        raise pickle.UnpicklingError(
-            f"{module}.{qualname} is not in this process (the process that sent it made it "
-            f"after the fork), and it could not be pickled by value there: {by_value}")
-    return cloudpickle.loads(by_value)
-
-
 def _dumps_value(obj: Any, room: str, threshold: int | None) -> tuple[bytes, transports.Outbox]:
     outbox = transports.Outbox(room)
     buf = io.BytesIO()
@@ -379,7 +295,14 @@ def _keep(obj: Any, outbox: transports.Outbox, reuse: bool = False) -> int:
 def _fetched(body: Any, items: list) -> Any:
     try:
         buffers = transports.fetch(items)
-        return pickle.loads(body, buffers=buffers)
+        outer, _loading.buffers = getattr(_loading, "buffers", None), buffers
+        try:
+            # out-of-band buffers are consumed in order; a strided offer is not one of
+            # them (its _Slot names its stand-in): it is skipped here
+            return pickle.loads(body, buffers=[b for b, i in zip(buffers, items, strict=True)
+                                               if not _strided(i)])
+        finally:
+            _loading.buffers = outer
     except (MemoryError, transports.cma.CmaError):
         raise
     except Exception as e:
@@ -389,6 +312,10 @@ def _fetched(body: Any, items: list) -> Any:
         raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from e
 
 
+def _strided(item: Any) -> bool:
+    return isinstance(item, transports.Offer) and item.layout is not None
+
+
 # -- held values ---------------------------------------------------------------
 
 class Held:
@@ -396,8 +323,9 @@ class Held:
 
     ``pid`` made it; ``keep`` is its number there (0: nothing kept);
     ``body`` its pickle, ``items`` the stand-ins of its buffers; ``meta`` is
-    ``(shape, dtype, order)`` when the value is a plain numpy array whose
-    one buffer holds its data, so that :meth:`into` can put it in place.
+    ``(shape, dtype, order, direct)`` when the value is a plain numpy array,
+    so that :meth:`into` can put it in place: ``direct`` when its one buffer
+    holds its data in that order (a pull straight into the place).
 
     >>> h = hold([1, 2])
     >>> h.value()
@@ -426,16 +354,16 @@ class Held:
 
     def into(self, out: np.ndarray) -> bool:
         """Put a plain array's data straight into ``out``, if it fits as is; whether it did."""
-        if self.meta is None or self._value is not _UNSET:
+        if self.meta is None:
             return False
-        shape, dtype, order = self.meta
+        shape, dtype, order, direct = self.meta
         if out.shape != shape or out.dtype != dtype:
             return False
         kept = _KEPT.get(self.keep) if self.pid == os.getpid() else None
-        if kept is not None:
-            out[...] = kept[0]
-        else:
+        if self._value is _UNSET and kept is None and direct:
             transports.fetch_into(self.items[0], out if order == "C" else out.T)
+        else:  # here already, small, or a view of shared memory: one copy from it
+            out[...] = self.value()
         return True
 
 
@@ -450,13 +378,13 @@ def hold(obj: Any, room: str | None = None, threshold: int | None = DEFAULT_THRE
     """
     body, outbox = _dumps_value(obj, room or transports.room(True), threshold)
     meta = None
-    if (type(obj) is np.ndarray and len(outbox.items) == 1 and obj.nbytes >= (threshold or 0)
-            and memory._segment_of(obj) is None):
+    if type(obj) is np.ndarray:
         # the one buffer holds the data in C order, but for an F-contiguous array
         # (numpy pickles it as it lies) of a dtype with a buffer format
         fortran = (obj.flags.f_contiguous and not obj.flags.c_contiguous
                    and obj.dtype.kind not in "mM")
-        meta = (obj.shape, obj.dtype, "F" if fortran else "C")
+        direct = len(outbox.items) == 1 and memory._segment_of(obj) is None
+        meta = (obj.shape, obj.dtype, "F" if fortran else "C", direct)
     return Held(os.getpid(), _keep(obj, outbox, reuse=True), body, outbox.items, meta)
 
 

@@ -42,6 +42,17 @@ go silently wrong; :func:`prepare` rewrites the graph so that they do not:
    than threads make, and the writes themselves run one at a time in the
    parent, which is also what the store's lock asks for.
 
+A numpy target that existed before the fork is a copy-on-write page of the
+workers' as long as they live: the parent writing 512 MB into it paid a
+copy of every 4 KiB page (0.7-1.4 s on the development VM, against 0.15 s
+into memory made after the fork).  So where no task reads it in a worker --
+no task of the graph but the stores holds it, none of them returns what it
+stored -- its pages are left out of the workers altogether
+(``madvise(MADV_DONTFORK)`` on its page-aligned interior, see
+:func:`unmapped`, undone after the session).  A task that reads it anyway
+(through a closure, which no audit sees) dies by SIGSEGV, and the
+scheduler's error says why.
+
 A target that the graph computes (a ``Delayed`` target) does not exist in
 the parent before the run.  If its task depends on nothing (dask's own test
 ``make_target(key)``: an ``np.empty`` it also records somewhere), the audit
@@ -61,13 +72,14 @@ with it in its own memory, such as keeping it in a dict, stays there.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import pickle
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 from dask._task_spec import Alias, DataNode, GraphNode, Task, TaskRef, _execute_subgraph
@@ -94,7 +106,18 @@ class _Stored:
         return _Stored, (self.ident,)
 
 
-def prepare(dsk: Mapping) -> tuple[Mapping, list, set]:
+class Prepared(NamedTuple):
+    """What :func:`prepare` found: ``graph`` to fork with, the store ``targets``
+    the parent writes for workers, the keys whose tasks hold objects replaced by
+    their pickle, and the targets to leave out of the workers' memory."""
+
+    graph: Mapping
+    targets: list
+    pickled: set
+    unmapped: list
+
+
+def prepare(dsk: Mapping) -> Prepared:
     """The graph to fork with, the store targets the parent writes for workers,
     and the keys whose tasks hold objects replaced by their pickle.
 
@@ -113,7 +136,7 @@ def prepare(dsk: Mapping) -> tuple[Mapping, list, set]:
     pickled = tuple(t for t in (getattr(sys.modules.get(m), n, None) for m, n in _PICKLE_FIRST)
                     if isinstance(t, type))
     if store is None and not pickled:
-        return dsk, [], set()
+        return Prepared(dsk, [], set(), [])
     audit = _Audit(dsk, store, pickled)
     changed = {}
     for key, node in dsk.items():
@@ -125,8 +148,10 @@ def prepare(dsk: Mapping) -> tuple[Mapping, list, set]:
         if dsk.get(task.key) is task:
             changed[task.key] = DataNode(task.key, value)
     if not changed:
-        return dsk, [], set()
-    return {**dsk, **changed}, audit.targets, audit.pickled_keys
+        return Prepared(dsk, [], set(), [])
+    graph = {**dsk, **changed}
+    return Prepared(graph, audit.targets, audit.pickled_keys,
+                    _unread_targets(graph, audit.targets, audit.reading))
 
 
 class _Audit:
@@ -139,6 +164,8 @@ class _Audit:
         self.pickled_keys: set = set()
         #: id(task) -> (task, its value): tasks run here for a store (see _resolve)
         self.made: dict[int, tuple[Task, Any]] = {}
+        #: ids of the targets of stores that return what they stored (they read it)
+        self.reading: set[int] = set()
         self.signature = inspect.signature(store) if store is not None else None
 
     def node(self, node: Any, scope: dict | None) -> Any:
@@ -204,6 +231,8 @@ class _Audit:
         if out is not _UNKNOWN:
             ident = len(self.targets)
             self.targets.append((out, None if lock is _UNKNOWN else lock))
+            if bound.get("return_stored") is not False:
+                self.reading.add(id(out))
         return functools.partial(_store_chunk, ident)
 
     def _resolve(self, arg: Any, scope: dict | None, depth: int = 0) -> Any:
@@ -306,6 +335,118 @@ def _populate_target(out: Any, index: Any) -> None:
         return  # a copy (fancy index), or not shared memory
     low, high = _byte_bounds(view)
     memory._populate_range(low, high - low)
+
+
+def _unread_targets(graph: Mapping, targets: list, reading: set) -> list[np.ndarray]:
+    """The numpy targets, written through the parent, that no task reads in a worker.
+
+    Every array the graph holds (its data, its tasks' arguments, inside fused
+    subgraphs too) is compared with them, but a store's ``out``: one that
+    shares memory with a target, or a key of such data that a task reads
+    other than as a store's ``out``, makes it read.
+    """
+    spans = {}
+    for out, _ in targets:
+        if (type(out) is np.ndarray and id(out) not in reading and not _in_place(out)
+                and (out.flags.c_contiguous or out.flags.f_contiguous)
+                and out.nbytes >= 2 * memory._PAGE):
+            spans[id(out)] = (out, *_byte_bounds(out))
+    if not spans:
+        return []
+
+    def overlapping(a: np.ndarray) -> set[int]:
+        low, high = _byte_bounds(a)
+        return {i for i, (_, lo, hi) in spans.items() if low < hi and lo < high}
+
+    held: dict[Any, set[int]] = {}  # key of data that holds a target -> those targets
+    read: set[int] = set()
+    keys: set = set()
+    for key, node in graph.items():
+        if isinstance(node, DataNode):
+            held[key] = {i for a in _arrays(node, keys) for i in overlapping(a)}
+            continue
+        for a in _arrays(node, keys):
+            read |= overlapping(a)
+    for key in keys & held.keys():
+        read |= held[key]
+    return [out for i, (out, _, _) in spans.items() if i not in read]
+
+
+def _arrays(node: Any, keys: set, depth: int = 0) -> Iterator[np.ndarray]:
+    """The numpy arrays ``node`` holds and may read (not as a store's ``out``); the
+    keys it reads go into ``keys``."""
+    if depth > 100:
+        return
+    if isinstance(node, np.ndarray):
+        if node.nbytes:
+            yield node
+    elif isinstance(node, DataNode):
+        yield from _arrays(node.value, keys, depth + 1)
+    elif isinstance(node, (TaskRef, Alias)):
+        keys.add(node.target if isinstance(node, Alias) else node.key)
+    elif isinstance(node, Task):
+        if node.func is _execute_subgraph:
+            inner, _, inkeys, *deps = node.args
+            for k, dep in zip(inkeys, deps, strict=True):
+                if any(_reads_key(t, k) for t in inner.values()):
+                    yield from _arrays(dep, keys, depth + 1)
+            for t in inner.values():  # their references are to inner keys or inkeys
+                yield from _arrays(t, set(), depth + 1)
+            return
+        args = list(node.args)
+        if _is_store(node):
+            args[1] = None  # the target itself: written, not read (return_stored is known)
+        for a in (*args, *node.kwargs.values()):
+            yield from _arrays(a, keys, depth + 1)
+    elif isinstance(node, (list, tuple)):
+        for a in node:
+            yield from _arrays(a, keys, depth + 1)
+    elif isinstance(node, dict):
+        for a in node.values():
+            yield from _arrays(a, keys, depth + 1)
+
+
+def _is_store(node: Any) -> bool:
+    return (isinstance(node, Task) and isinstance(node.func, functools.partial)
+            and node.func.func is _store_chunk and len(node.args) > 1)
+
+
+def _reads_key(task: Any, key: Any) -> bool:
+    """Whether ``task`` uses ``key`` elsewhere than as a store's ``out``."""
+    if not isinstance(task, Task) or key not in task.dependencies:
+        return False
+    if not _is_store(task):
+        return True
+    out = task.args[1]
+    rest = [*task.args[:1], *task.args[2:], *task.kwargs.values()]
+    return not (isinstance(out, TaskRef) and out.key == key) or any(
+        isinstance(a, GraphNode) and key in a.dependencies for a in rest)
+
+
+_MADV_DONTFORK = 10
+_MADV_DOFORK = 11
+
+
+@contextlib.contextmanager
+def unmapped(arrays: list[np.ndarray]) -> Iterator[None]:
+    """Meanwhile, processes forked here do not get the pages of ``arrays`` at all.
+
+    The page-aligned interior of each (its partial first and last pages are
+    shared with other memory) is advised ``MADV_DONTFORK``, and
+    ``MADV_DOFORK`` afterwards.
+    """
+    spans = []
+    for a in arrays:
+        low, high = _byte_bounds(a)
+        low = -(-low // memory._PAGE) * memory._PAGE
+        high -= high % memory._PAGE
+        if high > low and memory._libc.madvise(low, high - low, _MADV_DONTFORK) == 0:
+            spans.append((low, high - low))
+    try:
+        yield
+    finally:
+        for low, length in spans:
+            memory._libc.madvise(low, length, _MADV_DOFORK)
 
 
 def take_writes() -> list:

@@ -106,15 +106,8 @@ from dask.callbacks import Callback, unpack_callbacks
 
 from . import channel, memory
 from .channel import dumps
-from .pool import (
-    UnreadableResult,
-    WorkerDied,
-    Workers,
-    cpu_count,
-    pack_exception,
-    unpack_exception,
-    worker_count,
-)
+from .pool import UnreadableResult, WorkerDied, Workers, cpu_count, worker_count
+from .remote import pack_exception, unpack_exception
 
 __all__ = [
     "LostExceptionType",
@@ -844,7 +837,14 @@ class MapReduce:
                         events = w.poll(0 if grow else None)
                     except WorkerDied as e:
                         i = int(current[e.rank])
-                        if i >= 0 and not completed[i]:
+                        owned = [r for slot, r in queued.items() if owner[slot] == e.rank]
+                        if e.undelivered and owned:  # it had sent them: not copied out yet
+                            # a worker sends its ranges' results in the order it took them
+                            a, b = min(owned)
+                            what = (f"the result of item {a} was" if b == a + 1
+                                    else f"the results of items {a} to {b - 1} were")
+                            e.args = (f"{e}; {what} lost with it",)
+                        elif i >= 0 and not completed[i]:
                             e.doing = f"item {i} of the sequence"
                             e.args = (f"{e} while running item {i}",)
                         else:  # its last item's result had arrived: do not blame it

@@ -7,15 +7,18 @@ and the same callbacks.  What differs is where tasks run and how data moves:
 * Workers are forked *inside* :func:`get`, after the graph exists, so every
   task -- closures, lambdas, functions over unpicklable objects -- is found
   in the workers' own memory.  The parent sends keys, never tasks.
-* A task's inputs travel from the parent's cache to the worker that runs it,
-  and its result travels back, through ``channel.py``: small values as
-  pickles, shared arrays and numpy arrays above the threshold (config
-  ``sharedmem.threshold``, 64 KiB) as handles to shared memory.  A chunk
-  of a shared input array is a view of that array and crosses for free.
-* The parent's cache holds those handles; ``finish_task`` drops each one as
-  soon as no remaining task needs it, and the segment's memory is returned
-  to the system when the last process lets go of it.  Everything is dropped
-  when ``get`` returns or fails.
+* A task's result stays with the worker that made it: what crosses to the
+  parent is a ``channel.Held`` (its pickle, and stand-ins for its large
+  buffers).  The parent keeps that in its cache; a task that needs it gets
+  it in its batch and its worker fetches the buffers from the maker
+  (``transports``: one ``process_vm_readv``), or uses the object itself if
+  it made it.  The parent fetches only what the caller gets -- as it
+  arrives, each chunk of a dask array straight into its slot of the joined
+  array (joins.py) -- and what a callback looks at.  A chunk of a shared
+  input array is a view of that array and crosses as a handle.
+* ``finish_task`` drops each held result as soon as no remaining task
+  needs it, and its worker is told to drop it (``channel.on_drop``, acks);
+  everything goes when ``get`` returns or fails.
 
 Dispatch::
 
@@ -40,41 +43,10 @@ dask array's chunks (the wanted key whose task is
 threads would.  Warnings that tasks issue come back
 before the results and are re-issued here (pool.py).
 
-Small graphs run in the caller.  Forking costs more than the fork itself:
-after it, every page the caller or a worker writes (and Python writes a
-reference count with every object it touches) is copied once, about 1,400
-pages in the caller and 2,300 in each worker for a 32 MB ``(x + 1).sum()``
--- 20-25 ms on a VM whose page faults cost 3-4 us, 5-10 ms on bare metal.
-So a graph whose tasks, as measured in earlier calls, add up to less than
-dask config ``sharedmem.inline`` seconds (20 ms; 0 turns it off) runs here,
-one task after another, as dask's ``sync`` scheduler would: a worker could
-not return its result sooner.  The rule: **a wrong guess may cost one
-fork, never a serial run of parallel work.**  Three things keep it:
-
-* Each key name keeps an estimate of its tasks (``_estimate``), never
-  its fastest task alone, which said that four chunks of 0.5 s beside a
-  chunk of one element were quick.  From a run here: the median, and at
-  least a tenth of the mean (the first writes after a fork, or another
-  process, delay a task or two; ten times the others is work); from a run
-  here that overran: the mean of all of them; from workers, whose tasks
-  pay for their first touches of pages after the fork: a range, at least
-  the fastest (a warm task) and a tenth of the mean, at most the mean.
-* A key is known by its name with dask's token; by the name without it
-  (``key_split``) only where ``compute`` renamed the same task (its final
-  keys, ``finalize-hlgfinalizecompute-<uuid>``): a task that waits for
-  tasks known so.  Never a root: dask names a fused task from its first
-  and last layers, and a new ``x.map_blocks(slow).sum()`` has the
-  ``array-sum`` roots of a trivial ``x.sum()`` (``_runs_here``).
-* A run here that has taken twice ``sharedmem.inline`` (``_OVERRUN``)
-  while tasks that workers would run are left stops, and forks workers for
-  them: the state dict goes on, the results made here are in the workers'
-  memory as the graph's data is (never sent), callbacks see one compute.
-  A wrong estimate thus costs about twice the limit, or one task that is
-  longer, and one fork -- where forking is safe: a graph whose partd store
-  (dask's disk shuffle) was made here finishes here (forksafe.py).
-
-The first call of a new graph forks; each call measures what it ran, so
-that a graph which ran slower here than estimated forks next time.
+Small graphs run in the caller (inline.py): a graph whose tasks, as
+measured in earlier calls, add up to less than dask config
+``sharedmem.inline`` seconds runs here, as dask's ``sync`` scheduler would,
+and a run here that overruns forks workers for the rest.
 
 Each worker has up to two batches in flight, so it never waits for the
 parent between tasks -- for slow tasks only while many are ready, since a
@@ -90,223 +62,32 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import pickle
-import statistics
-import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping, MutableMapping, Sequence
-from itertools import chain
-from types import SimpleNamespace
 from typing import Any
 
 import dask
 import numpy as np
-from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
+from dask._task_spec import DataNode, convert_legacy_graph
 from dask.callbacks import Callback, local_callbacks, normalize_callback, unpack_callbacks
 from dask.core import flatten
 from dask.local import finish_task, nested_get, start_state_from_dask
 from dask.order import order
-from dask.utils import key_split
 
-from . import channel, forksafe, memory, transports
-from .pool import (
-    UnreadableResult,
-    WorkerDied,
-    Workers,
-    cpu_count,
-    pack_exception,
-    unpack_exception,
-    worker_count,
-)
+from . import channel, forksafe, inline, joins, memory, transports
+from .pool import UnreadableResult, WorkerDied, Workers, cpu_count, worker_count
+from .remote import pack_exception, unpack_exception
 
 __all__ = ["get"]
 
 _BATCH_SECONDS = 0.005
 _PREFETCH_BELOW = 0.005  # seconds a batch takes, under which a worker always gets two at once
 _CHAIN_MAX = 1000  # tasks of a linear chain sent to a worker at once
-_INLINE_PER_TASK = 20e-6  # seconds of bookkeeping per task run in the caller
-_OVERRUN = 2  # times sharedmem.inline after which a run in the caller forks for the rest
-
-#: key name (a tuple key's first element) -> seconds that one of its tasks is
-#: expected to take here (see _estimate); and the same by the name without dask's token
-_DURATIONS: dict[Any, float] = {}
-_BY_PREFIX: dict[str, float] = {}
-_DURATIONS_MAX = 10_000
-#: how many times a name's mean task may exceed its typical task before that is its work:
-#: more than page faults after a fork (in workers) or delays (here) explain
-_SLOWDOWN = 10
-
 dask.config.update_defaults({"sharedmem": {"num-workers": None, "inline": 0.02,
                                            "threshold": channel.DEFAULT_THRESHOLD,
                                            "transport": "auto"}})
-
-
-def _name(key: Any) -> Any:
-    return key[0] if type(key) is tuple and key else key
-
-
-class _Timings:
-    """Seconds of each task of one call, by key name: run here, or in a worker."""
-
-    __slots__ = ("here", "overran", "there")
-
-    def __init__(self) -> None:
-        self.here: dict[Any, list[float]] = {}
-        self.there: dict[Any, list[float]] = {}
-        self.overran = False  # the run here took longer than estimated, see _OVERRUN
-
-
-def _remember(timings: _Timings) -> None:
-    """Update each key name's estimate with this call's tasks (see :func:`_estimate`).
-
-    Each is also kept by its name without the token (dask's ``key_split``:
-    ``sum``, ``finalize-hlgfinalizecompute``), for names that dask makes anew
-    for every ``compute`` (see :func:`_runs_here`).
-    """
-    names = timings.here.keys() | timings.there.keys()
-    if len(_DURATIONS) + len(names) > _DURATIONS_MAX:
-        _DURATIONS.clear()
-        _BY_PREFIX.clear()
-    for name in names:
-        here, there = timings.here.get(name, ()), timings.there.get(name, ())
-        _DURATIONS[name] = _estimate(_DURATIONS.get(name), here, there, timings.overran)
-        prefix = _prefix(name)
-        if prefix is not None:
-            _BY_PREFIX[prefix] = _estimate(_BY_PREFIX.get(prefix), here, there,
-                                           timings.overran)
-
-
-def _estimate(old: float | None, here: Sequence[float], there: Sequence[float],
-              overran: bool) -> float:
-    """Seconds that a task of a name will take here, from this call's tasks of
-    it (run ``here``, or ``there`` in workers) and the estimate before (``old``).
-
-    * Tasks that ran here, in a run that finished here: their median, robust
-      to a task that something else delayed (the caller's first writes after
-      a fork copy its pages: 6.9 and 2.2 ms for the first two 0.9 ms chunks
-      of a 32 MB ``(x + 1).sum()``; another process got the core), and at
-      least their mean over ``_SLOWDOWN``: a few tasks much slower than the
-      others are work, not delays.
-    * A call whose run here ``overran`` its estimate and forked for the
-      rest: the mean of all the name's tasks, here and in workers, the most
-      they cost; it showed the estimate wrong.
-    * Tasks that ran only in workers, where each pays for the pages it
-      touches first after the fork (copies of the caller's heap, its shared
-      inputs): for those chunks 2.5 to 3.5 times the caller's time on
-      average, single ones up to 10 times.  So workers give a range: at most
-      their mean; at least their fastest (taken as a warm task) and their
-      mean over ``_SLOWDOWN``, which page faults do not explain (four chunks
-      of 0.5 s beside a last chunk of 0.1 ms are slow work, not a 0.1 ms
-      name).  An estimate within the range stays (what was measured here is
-      not undone by the workers); one outside it was wrong, or the tasks
-      changed: the low end, which a run here corrects if need be.
-
-    >>> _estimate(None, [], [0.5, 0.5, 0.5, 0.5, 0.0001], False)  # not 0.0001
-    0.040...
-    >>> _estimate(0.0015, [], [0.003, 0.0011, 0.0012], False)  # measured here before: kept
-    0.0015
-    >>> _estimate(0.01, [], [0.003, 0.0011, 0.0012], False)  # a delay here: forgotten
-    0.0011
-    """
-    if here and (there or overran):
-        return (sum(here) + sum(there)) / (len(here) + len(there))
-    if here:
-        return max(statistics.median(here), sum(here) / len(here) / _SLOWDOWN)
-    mean = sum(there) / len(there)
-    low = max(min(there), mean / _SLOWDOWN)
-    return old if old is not None and low <= old <= mean else low
-
-
-def _prefix(name: Any) -> str | None:
-    """``name`` without dask's token (``sum-1a2b...`` -> ``sum``), None if it has none:
-    a key named by hand (``"x"``, ``0``) is only ever known by itself."""
-    if type(name) is not str:
-        return None
-    prefix = key_split(name)
-    return prefix if prefix != name else None
-
-
-def _inline_limit() -> float:
-    value = dask.config.get("sharedmem.inline", 0.02)
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-        raise ValueError("dask config sharedmem.inline must be a number of seconds >= 0 "
-                         f"(0: always fork), not {value!r}")
-    return float(value)
-
-
-def _runs_here(state: dict, ntasks: int, limit: float, keyorder: dict) -> bool:
-    """Whether the graph's tasks, as measured in earlier calls, take less than ``limit``.
-
-    A task is known by its key's name; by the name without dask's token only
-    where that is dask renaming the same task for each ``compute``
-    (``finalize-hlgfinalizecompute-<uuid>``, ``sum-aggregate-finalize-...``):
-    a task that waits for other tasks, each of them known.  A root (a task
-    whose inputs are all data) is known only by its own name: under a known
-    name without the token it may do new work, since dask names fused tasks
-    from their first and last layers (the ``array-sum-<token>`` of a new,
-    slow ``x.map_blocks(f).sum()`` is the ``array-sum`` of a trivial
-    ``x.sum()`` measured before).
-    """
-    estimate = ntasks * _INLINE_PER_TASK
-    if estimate >= limit:
-        return False
-    waiting = state["waiting"]
-    renamed = []
-    for keys in (state["ready"], waiting):
-        for key in keys:
-            name = _name(key)
-            seconds = _DURATIONS.get(name)
-            if seconds is None:
-                prefix = _prefix(name)
-                if prefix is None or key not in waiting or prefix not in _BY_PREFIX:
-                    return False
-                seconds = _BY_PREFIX[prefix]
-                renamed.append(key)
-            estimate += seconds
-            if estimate >= limit:
-                return False
-    known: set = set()
-    for key in sorted(renamed, key=keyorder.__getitem__):  # a task after its dependencies
-        if not all(d in known or _name(d) in _DURATIONS for d in waiting[key]):
-            return False
-        known.add(key)
-    return True
-
-
-def _run_inline(dsk: Mapping, state: dict, wanted: set, keyorder: dict,
-                pretask_cbs: list, posttask_cbs: list, timings: _Timings, until: float) -> bool:
-    """Run the graph in this process, in dask's order, as dask's sync scheduler would.
-
-    Past ``until`` (``time.perf_counter()``) it stops, and says so (False),
-    if tasks are left that workers would run.
-    """
-    cache = state["cache"]
-    ready = state["ready"]
-    dependencies = state["dependencies"]
-    while ready:
-        if time.perf_counter() > until:
-            if not _joins(dsk, wanted).issuperset(chain(ready, state["waiting"])):
-                return False
-            until = math.inf  # what is left would run here anyway
-        key = ready.pop()
-        state["running"].add(key)
-        for f in pretask_cbs:
-            f(key, dsk, state)
-        data = {d: cache[d] for d in dependencies[key]}
-        t0 = time.perf_counter()
-        res = dsk[key](data)
-        timings.here.setdefault(_name(key), []).append(time.perf_counter() - t0)
-        cache[key] = res
-        finish_task(dsk, key, state, wanted, keyorder.get)
-        for f in posttask_cbs:
-            f(key, res, dsk, state, 0)
-        del res, data
-    return True
 
 
 def _num_workers(num_workers: Any) -> int:
@@ -425,7 +206,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
     if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
         dsk = dsk.__dask_graph__()
     wanted = _check_arguments(dsk, keys, threshold, cache)
-    limit = _inline_limit()
+    limit = inline.limit()
     callbacks = _normalize_callbacks(callbacks)
     dsk = convert_legacy_graph(dsk)
     if cache is None:
@@ -438,7 +219,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
         state: dict = {}
         started: list = []
-        timings = _Timings()
+        timings = inline.Timings()
         ntasks = 0
         succeeded = False
         try:
@@ -454,7 +235,7 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                         f(dsk)
                         started.append(f)
                     break
-                if _runs_here(state, ntasks, limit, keyorder):
+                if inline.runs_here(state, ntasks, limit, keyorder):
                     if not started:
                         before = dict(dsk) if start_cbs else None
                         for f in start_cbs:
@@ -464,25 +245,24 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                             continue
                     for f in start_state_cbs:
                         f(dsk, state)
-                    if _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
-                                   timings, time.perf_counter() + _OVERRUN * limit):
+                    if inline.run(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                                   timings, time.perf_counter() + inline.OVERRUN * limit):
                         break
                     timings.overran = True
-                    runnable, targets, pickled = forksafe.prepare(dsk)
-                    if pickled & state["finished"]:
+                    prepared = forksafe.prepare(dsk)
+                    if prepared.pickled & state["finished"]:
                         # a result made here from the graph as it was (a buffered partd
                         # store that tasks here wrote to) would go wrong in workers
-                        _run_inline(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
+                        inline.run(dsk, state, wanted, keyorder, pretask_cbs, posttask_cbs,
                                     timings, math.inf)
                     else:  # slower than estimated: workers for the rest, callbacks as they are
                         left = len(state["ready"]) + len(state["waiting"])
-                        _run(dsk, runnable, targets, state, wanted, keyorder,
-                             min(nworkers, left), threshold, [], [], pretask_cbs,
-                             posttask_cbs, started, timings)
+                        _run(dsk, prepared, state, wanted, keyorder, min(nworkers, left),
+                             threshold, [], [], pretask_cbs, posttask_cbs, started, timings)
                     break
-                runnable, targets, _ = forksafe.prepare(dsk)
+                prepared = forksafe.prepare(dsk)
                 try:
-                    _run(dsk, runnable, targets, state, wanted, keyorder,
+                    _run(dsk, prepared, state, wanted, keyorder,
                          min(nworkers, ntasks), threshold, start_cbs if not started else [],
                          start_state_cbs, pretask_cbs, posttask_cbs, started, timings)
                 except _GraphChanged:  # fork again, with what the callbacks put in
@@ -490,8 +270,8 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
                 break
             succeeded = True
         finally:
-            if ntasks * _INLINE_PER_TASK < limit:  # else it could never run here
-                _remember(timings)
+            if ntasks * inline.PER_TASK < limit:  # else it could never run here
+                inline.remember(timings)
             if started:
                 for f in finish_cbs:
                     f(dsk, state, not succeeded)
@@ -499,21 +279,6 @@ def get(dsk: Mapping, keys: Sequence | Any, num_workers: int | None = None,
         return nested_get(keys, _plain(state["cache"], wanted))
     finally:
         state.clear()
-
-
-def _joins(dsk: Mapping, wanted: set) -> set:
-    """The wanted keys that join dask.array chunks into the caller's result.
-
-    They run in the caller's process: the chunks are there already (as
-    handles to shared memory), and the joined array is made in private
-    memory, which numpy gets with huge pages, as threads would; in a worker
-    it would be a second 512 MB of new shared memory for a 512 MB result,
-    made at several times that cost, and sent back.
-    """
-    finalize = getattr(sys.modules.get("dask.array.core"), "finalize", None)
-    if finalize is None:
-        return set()
-    return {k for k in wanted if isinstance(dsk.get(k), Task) and dsk[k].func is finalize}
 
 
 class _GraphChanged(Exception):
@@ -534,12 +299,13 @@ def _plain(cache: dict, wanted: set) -> dict:
     return cache
 
 
-def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: set,
+def _run(dsk: Mapping, prepared: forksafe.Prepared, state: dict, wanted: set,
          keyorder: dict, nworkers: int, threshold: int | None, start_cbs: list,
          start_state_cbs: list, pretask_cbs: list, posttask_cbs: list, started: list,
-         timings: _Timings) -> None:
-    """Fork the workers and run the graph on them (``runnable``: ``dsk`` as
-    ``forksafe.prepare`` makes it safe to fork with, the stores' ``targets``).
+         timings: inline.Timings) -> None:
+    """Fork the workers and run the graph on them (``prepared``: ``dsk`` as
+    ``forksafe.prepare`` makes it safe to fork with, the stores' targets, and
+    those left out of the workers' memory while they live).
 
     ``start`` callbacks run after the fork, since they may start threads
     (ProgressBar) or processes (ResourceProfiler) that forked workers must not
@@ -548,7 +314,8 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
     with the new graph, as dask's own schedulers would run it.
     """
     before = dict(dsk) if start_cbs else None
-    here = _joins(runnable, wanted)
+    runnable, targets = prepared.graph, prepared.targets
+    here = joins.join_keys(runnable, wanted)
     cache = state["cache"]
     ready = state["ready"]
     running = state["running"]
@@ -561,7 +328,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
         running.add(key)
         began = time.perf_counter()
         cache[key] = runnable[key]()
-        timings.here.setdefault(_name(key), []).append(time.perf_counter() - began)
+        timings.here.setdefault(inline.key_name(key), []).append(time.perf_counter() - began)
         finish_task(dsk, key, state, wanted, keyorder.get)
     waiting = state["waiting"]
     dependents = state["dependents"]
@@ -669,7 +436,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
             with memory.plain_arrivals():
                 return held.value()
         except transports.cma.MakerGone as e:
-            raise w.died(e.pid) from None
+            raise _lost(w.died(e.pid), {key: held}) from None
         except pickle.UnpicklingError as e:
             raise UnreadableResult(rank, w.pids[rank], str(e)).about(
                 f"result of task {key!r}") from e.__cause__
@@ -680,13 +447,13 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
         began = time.perf_counter()
         try:
             with memory.plain_arrivals():
-                res = _join(runnable[key], data)
+                res = joins.join(runnable[key], data)
         except transports.cma.MakerGone as e:
-            raise w.died(e.pid) from None
+            raise _lost(w.died(e.pid), data, key) from None
         except pickle.UnpicklingError as e:
             raise pickle.UnpicklingError(f"a result that task {key!r} joins could not be "
                                          f"unpickled in the parent: {e}") from e.__cause__
-        timings.here.setdefault(_name(key), []).append(time.perf_counter() - began)
+        timings.here.setdefault(inline.key_name(key), []).append(time.perf_counter() - began)
         finish(key, res, nworkers)
 
     def finish(key: Any, res: Any, rank: int) -> None:
@@ -709,7 +476,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
             f(key, res, dsk, state, rank)
 
     values_seen = _values_seen(posttask_cbs)
-    with Workers(nworkers, worker_main, threshold) as w:
+    with forksafe.unmapped(prepared.unmapped), Workers(nworkers, worker_main, threshold) as w:
         for f in start_cbs:
             f(dsk)
             started.append(f)
@@ -732,6 +499,12 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
                     e.args = (f"{e} while running task {numbered[number]!r}",)
                 else:  # the result of its last task had arrived: do not blame it
                     e.args = (f"{e} while waiting for work",)
+                if prepared.unmapped and "SIGSEGV" in e.status:
+                    e.args = (f"{e.args[0]}; the numpy array that da.store writes into is not "
+                              "in the workers' memory during the compute (it would cost a copy "
+                              "of each of its pages): a task that reads it dies. Store into a "
+                              "shared array (dask_sharedmem.empty), or use scheduler='threads'",)
+                _lost(e, cache)  # results it held that nobody had copied out
                 raise
             except UnreadableResult as e:
                 keys = [numbered[n] for n in inflight[e.rank][0]]
@@ -744,15 +517,17 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
                         exc.args = (f"task {msg[1]!r} failed: {exc.args[0]}",)
                     raise exc
                 if msg[0] == "lost":  # an input's maker died before it could be read
-                    died = w.died(msg[2])
-                    died.args = (f"{died}, whose result task {msg[1]!r} needed",)
-                    raise died
+                    raise _lost(w.died(msg[2]), {d: cache.get(d) for d in dependencies[msg[1]]},
+                                msg[1])
                 _, out, seconds, writes = msg
                 if writes:
                     try:
                         forksafe.apply(targets, writes)
                     except transports.cma.MakerGone as e:
-                        raise w.died(e.pid) from None
+                        died = w.died(e.pid)
+                        died.args = (f"{died}; a chunk that task {out[-1][0]!r} stored was lost "
+                                     "with it",)
+                        raise died from None
                 for number in inflight[rank].popleft():
                     del numbered[number]
                 per_task = seconds / max(len(out), 1)
@@ -760,7 +535,7 @@ def _run(dsk: Mapping, runnable: Mapping, targets: list, state: dict, wanted: se
                 # could leave a worker idle at the end, so only while many are ready
                 depth = 2 if seconds < _PREFETCH_BELOW or len(ready) >= 4 * nworkers else 1
                 for key, res, took in out:
-                    timings.there.setdefault(_name(key), []).append(took)
+                    timings.there.setdefault(inline.key_name(key), []).append(took)
                     finish(key, res, rank)
                 del out, key, res
                 for other in range(nworkers):
@@ -776,8 +551,8 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     held = []
     for key, res, took in out:
         try:
-            held.append((key, None if res is None else channel.hold(res, threshold=threshold),
-                         took))
+            held.append((key, res if _small(res, threshold) else
+                         channel.hold(res, threshold=threshold), took))
         except Exception as e:
             err = TypeError(f"the result of task {key!r} (of type "
                             f"{type(res).__module__}.{type(res).__qualname__}) cannot "
@@ -787,6 +562,48 @@ def _send_results(chan: channel.Channel, out: list, seconds: float, writes: list
     writes = [(ident, index, channel.hold(x, threshold=threshold))
               for ident, index, x in writes]
     chan.send(("done", held, seconds, writes))
+
+
+_SCALARS = (int, float, complex, bool, str, type(None), np.generic)
+
+
+def _small(res: Any, threshold: int | None) -> bool:
+    """Whether a result crosses as it is: a scalar, or a small plain numpy array
+    (holding it would pickle it twice, for nothing to keep; most tasks of large
+    graphs return these).
+
+    >>> _small(3, 65536), _small(np.zeros(10), 65536), _small(np.zeros(10**5), 65536)
+    (True, True, False)
+    """
+    if type(res) in _SCALARS or isinstance(res, np.generic):
+        return type(res) is not str or len(res) < 4096
+    return (type(res) is np.ndarray and not res.dtype.hasobject
+            and res.nbytes < (threshold or 0) and memory._segment_of(res) is None)
+
+
+def _lost(e: WorkerDied, values: Mapping, needed_by: Any = None) -> WorkerDied:
+    """``e``, saying which results were lost with its worker: those among ``values``
+    (key -> value) that it held and that nobody had copied out of its memory yet
+    (cma offers: shared memory outlives it); ``needed_by``, the task that needed them.
+
+    >>> e = _lost(WorkerDied(0, 42, "was killed by SIGKILL"), {"a": 1}, needed_by="b")
+    >>> str(e)
+    "worker 0 (pid 42) was killed by SIGKILL; a result that task 'b' needed was lost with it"
+    """
+    keys = [k for k, v in values.items() if isinstance(v, channel.Held) and v.pid == e.pid
+            and any(isinstance(i, transports.Offer) for i in v.items)]
+    need = "" if needed_by is None else f", which task {needed_by!r} needed,"
+    if len(keys) == 1:
+        what = f"the result of task {keys[0]!r}{need} was"
+    elif keys:
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        what = f"the results of tasks {keys[:3]!r}{more}{need} were"
+    elif needed_by is not None:
+        what = f"a result that task {needed_by!r} needed was"
+    else:
+        return e
+    e.args = (f"{e}; {what} lost with it",)
+    return e
 
 
 def _values(data: dict) -> None:
@@ -809,86 +626,6 @@ def _values_seen(posttask_cbs: list) -> bool:
         if owner is None or f"{type(owner).__module__}.{type(owner).__name__}" not in _VALUE_BLIND:
             return True
     return False
-
-
-def _join(task: Any, data: dict) -> Any:
-    """Run a join task (dask.array's ``finalize``) here; chunks that workers hold
-    are pulled straight into their slots of the joined array."""
-    arg = task.args[0] if len(task.args) == 1 and not task.kwargs else None
-    if isinstance(arg, GraphNode):
-        joined = _in_place(arg(data))
-        if joined is not None:
-            return joined
-    return task({k: v.value() if isinstance(v, channel.Held) else v for k, v in data.items()})
-
-
-def _in_place(arrays: Any) -> np.ndarray | None:
-    """``dask.array.core.concatenate3`` of chunks, each fetched into its slot; or
-    None where that function must run itself (chunks that are not plain numpy
-    arrays, of other dimensions than the nesting, or a single chunk)."""
-    from dask.array.core import chunks_from_arrays, slices_from_chunks
-
-    leaves = list(flatten(arrays, container=list))
-    if len(leaves) == 1 and isinstance(leaves[0], channel.Held) and leaves[0].meta:
-        return leaves[0].value()  # fetched into new memory: finalize's copy, made once
-    ndim, inner = 0, arrays
-    while isinstance(inner, list) and inner:
-        ndim, inner = ndim + 1, inner[0]
-    metas = []
-    for x in leaves:
-        meta = x.meta if isinstance(x, channel.Held) else (
-            (x.shape, x.dtype, None) if type(x) is np.ndarray else None)
-        if meta is None or len(meta[0]) != ndim:
-            return None
-        metas.append(meta)
-    if len(leaves) < 2:
-        return None
-    shapes = _nested([SimpleNamespace(shape=m[0]) for m in metas], arrays)
-    chunks = chunks_from_arrays(shapes)
-    out = np.empty(tuple(map(sum, chunks)), dtype=metas[0][1])
-    pulls = []
-    for idx, leaf in zip(slices_from_chunks(chunks), leaves, strict=True):
-        if isinstance(leaf, channel.Held):
-            pulls.append((leaf, out[idx]))
-        else:
-            out[idx] = leaf
-    _pull_all(pulls)
-    return out
-
-
-def _nested(flat: list, like: Any) -> Any:
-    """``flat`` arranged in the nesting of lists ``like``."""
-    items = iter(flat)
-
-    def build(node: Any) -> Any:
-        return [build(n) for n in node] if isinstance(node, list) else next(items)
-
-    return build(like)
-
-
-def _pull_all(pulls: list) -> None:
-    """Put each held array in its slot, by as many threads as CPUs (up to 4): each
-    pull releases the GIL, and a join is the only work left at the end."""
-    parts = min(len(pulls), len(os.sched_getaffinity(0)), 4)
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            for held, slot in pulls[k::parts]:
-                if not held.into(slot):
-                    slot[...] = held.value()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, parts)]
-    for t in threads:
-        t.start()
-    if parts:
-        run(0)
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _register() -> None:

@@ -296,10 +296,10 @@ def fresh_durations():
     graph in the caller once its key names are known to be quick): tests
     reuse key names such as ``"a"``, and a graph of another test must not
     decide where this test's first call runs."""
-    from dask_sharedmem import scheduler
+    from dask_sharedmem import inline
 
-    scheduler._DURATIONS.clear()
-    scheduler._BY_PREFIX.clear()
+    inline._DURATIONS.clear()
+    inline._BY_PREFIX.clear()
     yield
 
 

@@ -30,6 +30,9 @@ WORKLOADS = {
     "gil": ("2", ["dask_sharedmem.get"]),
     "compute": ("3a", ["dask_sharedmem.get"]),
     "store": ("3b", ["dask_sharedmem.get"]),
+    "store-numpy": ("3c", ["dask_sharedmem.get"]),
+    "transpose": ("3d", ["dask_sharedmem.get"]),
+    "rechunk": ("3e", ["dask_sharedmem.get"]),
     "startup": ("4", ["dask_sharedmem.get: first call, fresh process",
                       "dask_sharedmem.get: repeated call",
                       "dask_sharedmem.get: repeated call, forked every call"]),
@@ -48,6 +51,8 @@ WORKLOADS = {
 }
 SCHEDULER_PEERS = ["dask sync", "dask threads", "dask processes", "distributed LocalCluster",
                    "dask_sharedmem.get"]
+#: the workloads with a Dask-on-Ray row where ray is installed (the ray extra)
+RAY, RAY_WORKLOADS = "Dask-on-Ray", ["tasks", "chain", "graph", "gil", "compute", "store"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +92,7 @@ def test_json_has_every_workload_and_peer(quick_run):
     _, json_path, _ = quick_run
     doc = json.loads(json_path.read_text())
     assert {"machine", "config", "workloads", "targets", "cluster_startup_seconds",
-            "total_seconds"} <= set(doc)
+            "ray_init_seconds", "ray_startup_seconds", "total_seconds"} <= set(doc)
     assert doc["config"]["quick"] is True
     by_name = {w["name"]: w for w in doc["workloads"]}
     assert set(by_name) == set(WORKLOADS)
@@ -116,6 +121,19 @@ def test_json_has_every_workload_and_peer(quick_run):
         assert {"repeated", "map", "threads", "rss"} <= set(s["metrics"]), s
     for t in doc["targets"]:
         assert set(t) == {"target", "measured", "met"}
+
+
+def test_ray_rows_or_one_line_saying_why_not(quick_run):
+    p, json_path, _ = quick_run
+    by_name = {w["name"]: w for w in json.loads(json_path.read_text())["workloads"]}
+    with_ray = [name for name, w in by_name.items() if RAY in w["results"]]
+    skipped = [line for line in p.stdout.splitlines() if RAY in line and "skipped" in line]
+    if importlib.util.find_spec("ray") is None:
+        assert with_ray == []
+        assert len(skipped) == 1 and "ray is not installed" in skipped[0], skipped
+    else:
+        assert with_ray == RAY_WORKLOADS
+        assert skipped == []
 
 
 def test_plot_is_drawn(quick_run):

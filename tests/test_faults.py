@@ -69,8 +69,9 @@ from dask_sharedmem import (
     WorkerException,
     memory,
     pool,
+    transports,
 )
-from dask_sharedmem.pool import LostException, RemoteTraceback
+from dask_sharedmem.remote import LostException, RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks", "always_fork")]
 
@@ -362,6 +363,204 @@ def test_worker_dies_between_tasks(engine, how, case):
     assert "waiting for work" in str(e) and "None" not in str(e), str(e)
     assert item(engine, 0) not in str(e), str(e)
     still_works(engine)
+
+
+# -- a worker dies before its result is copied out of it ------------------------------
+
+PULLED = 8 * MB  # a result this large stays in its maker's memory until it is copied out
+TARGET = 0.2  # seconds from the kill to the error: what we aim at (printed, not asserted)
+SHM_NOTE = "  (shm: nothing lost; the death is seen as a worker's between tasks)"
+
+
+def pulled():
+    """Whether a worker's large result is copied out of its own memory (cma), or sent
+    in shared memory (shm: ``DASK_SHAREDMEM__TRANSPORT=shm``, or a kernel that refuses
+    process_vm_readv), which outlives the worker: then its death loses nothing."""
+    return transports.choose() == "cma"
+
+
+def kill_maker_in_pull(monkeypatch, case, victim, when, puller, at=("fetch", "fetch_into"),
+                       nth=1):
+    """Kill the maker of a large value in the first pull of it: the pull then finds it gone.
+
+    ``puller`` is the pid of the process that pulls (None: any worker).
+    ``when``: ``"before"`` the value's buffers are fetched at all (by the
+    functions of transports named in ``at``: either room), killing ``victim()``,
+    the maker's pid (which the test knows: tasks write theirs in ``case.slots``;
+    shm's stand-ins do not name it), or with ``victim`` None the maker of what
+    is pulled (cma: its offer names it); or ``"midway"``, after ``process_vm_readv``
+    has copied half of them out of the maker (cma only).  The killer waits
+    until the maker has exited before it goes on, so that what follows is the
+    same on every run.  Installed before the fork: workers have it too.
+    ``nth``: the kill comes in the nth pull (the first ones go through).
+    """
+    parent = os.getpid()
+    done = []
+    lock, killed = threading.Lock(), threading.Event()
+
+    def mine():
+        """Whether this is the first pull; any other waits for the kill (a join pulls
+        its chunks by several threads: none may finish first by chance)."""
+        me = os.getpid()
+        if (me != puller if puller is not None else me == parent) or (
+                victim is not None and me == victim()):
+            return False
+        with lock:
+            done.append(1)
+            first = len(done) == nth
+        if len(done) > nth:
+            killed.wait(20)
+        return first
+
+    def kill(pid):
+        case.slots[7] = pid
+        case.fault()
+        os.kill(pid, signal.SIGKILL)
+        if os.getpid() == parent:
+            exited(pid)
+        else:  # a sibling: not ours to wait for
+            wait_gone([pid], 20)
+        killed.set()
+
+    if when == "midway":
+        real_pull = transports.cma.pull
+
+        def pull(pid, remote, local):
+            if not mine():
+                return real_pull(pid, remote, local)
+            total = sum(n for _, n in remote)
+            rs, ls = (transports._split(list(pieces), 2, total) for pieces in (remote, local))
+            real_pull(pid, rs[0], ls[0])
+            kill(pid)
+            real_pull(pid, rs[1], ls[1])
+
+        monkeypatch.setattr(transports.cma, "pull", pull)
+        return
+    real_fetch, real_fetch_into = transports.fetch, transports.fetch_into
+
+    def fetch(items):
+        if items and mine():
+            kill(int(victim() if victim is not None else items[0].pid))
+        return real_fetch(items)
+
+    def fetch_into(item, out):
+        if mine():
+            kill(int(victim() if victim is not None else item.pid))
+        return real_fetch_into(item, out)
+
+    for name, hook in (("fetch", fetch), ("fetch_into", fetch_into)):
+        if name in at:
+            monkeypatch.setattr(transports, name, hook)
+
+
+def nothing_lost(e):
+    """Under shm: the death of a worker whose results were all in: no result lost."""
+    text = str(e)
+    assert "waiting for work" in text and "lost" not in text, text
+
+
+WHEN = ["before", "midway"]
+
+
+def skip_midway_under_shm(when):
+    if when == "midway" and not pulled():
+        pytest.skip("shm: nothing is pulled out of the maker (a shared segment is mapped whole)")
+
+
+@pytest.mark.parametrize("when", WHEN)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_killed_while_its_result_is_pulled(engine, when, monkeypatch, case):
+    """The caller's result (a map item's, a wanted key's) is being copied out of its
+    maker when the maker is SIGKILLed: a WorkerDied that names the item or task."""
+    skip_midway_under_shm(when)
+
+    def maker():
+        case.meet(0)
+        return np.full(PULLED // 8, 7.0)
+
+    kill_maker_in_pull(monkeypatch, case, lambda: case.slots[0], when, puller=os.getpid())
+    with case.expect(engine, WorkerDied, DEATHS["SIGKILL"]):
+        run(engine, [maker, lambda: case.busy(1)])
+    e = case.exc
+    assert e.pid == case.slots[0] == case.slots[7] and not running(e.pid)
+    if pulled():
+        what = item(engine, 0) if engine == "mapreduce" else f"task {item(engine, 0)}"
+        assert f"the result of {what} was lost with it" in str(e), str(e)
+    else:  # the result was in shared memory, and arrived whole: the death is all
+        nothing_lost(e)
+    case.note = f"  (target {TARGET} s)" if pulled() else SHM_NOTE
+    monkeypatch.undo()
+    still_works(engine)
+
+
+@pytest.mark.parametrize("when", WHEN)
+def test_worker_killed_while_the_join_pulls_its_chunk(when, monkeypatch, case):
+    """The join of a dask array pulls its chunks straight into their slots (strided
+    ones: the chunks split the columns); the maker of one is SIGKILLed meanwhile."""
+    skip_midway_under_shm(when)
+    slots = case.slots
+
+    def block(b, block_info=None):
+        k = block_info[0]["chunk-location"][1]
+        slots[k] = os.getpid()
+        return b + k
+
+    x = da.zeros((256, 2 * 4096), chunks=(256, 4096)).map_blocks(block, dtype="f8")
+    expected = np.repeat([0.0, 1.0], 4096)[None, :].repeat(256, axis=0)
+    # chunks are pulled into their slots as they arrive: the maker of the first one
+    # pulled is killed; under shm (whose stand-ins name no process) that of chunk 0,
+    # once both have arrived
+    if pulled():
+        kill_maker_in_pull(monkeypatch, case, None, when, puller=os.getpid(),
+                           at=("fetch_into",))
+    else:
+        kill_maker_in_pull(monkeypatch, case, lambda: slots[0], when, puller=os.getpid(),
+                           at=("fetch_into",), nth=2)
+    if not pulled():  # in shared memory: the join finds the chunk whole
+        with case.timed():
+            np.testing.assert_array_equal(x.compute(scheduler=dask_sharedmem.get, num_workers=2),
+                                          expected)
+        assert not running(int(slots[7]))
+        case.note = "  (shm: the chunk of the killed maker arrived whole)"
+    else:
+        with case.expect("scheduler", WorkerDied, DEATHS["SIGKILL"]):
+            x.compute(scheduler=dask_sharedmem.get, num_workers=2)
+        e = case.exc
+        assert e.pid == slots[7] and not running(e.pid)
+        assert x.name in str(e) and "lost" in str(e), str(e)
+        case.note = f"  (target {TARGET} s)"
+    monkeypatch.undo()
+    still_works("scheduler")
+
+
+def test_worker_killed_while_holding_a_needed_result(monkeypatch, case):
+    """Task b needs a0 and a1, made at once by the two workers; whichever runs b pulls
+    the other's, and kills it first: a WorkerDied naming the dead worker and the
+    result lost with it (or the task that needed it), never a hang or wrong data."""
+    def made(i):
+        assert case.meet(i), "a0 and a1 did not run at once"
+        return np.full(PULLED // 8, float(i))
+
+    def needs(a0, a1):
+        return float(a0.sum() + a1.sum())
+
+    slots = case.slots
+    victim = lambda: slots[1] if slots[0] == os.getpid() else slots[0]  # noqa: E731
+    kill_maker_in_pull(monkeypatch, case, victim, "before", puller=None)
+    dsk = {"a0": (made, 0), "a1": (made, 1), "b": (needs, "a0", "a1")}
+    with case.expect("scheduler", WorkerDied, DEATHS["SIGKILL"]):
+        dask_sharedmem.get(dsk, "b", num_workers=2)
+    e = case.exc
+    assert e.pid == slots[7] and not running(e.pid)
+    lost = "a0" if slots[0] == slots[7] else "a1"
+    if pulled():
+        assert f"'{lost}'" in str(e) and "lost" in str(e), str(e)
+        case.note = f"  (target {TARGET} s; the killer: the worker that runs 'b')"
+    else:  # b read a0 and a1 out of shared memory: only the death is an error
+        nothing_lost(e)
+        case.note = SHM_NOTE
+    monkeypatch.undo()
+    still_works("scheduler")
 
 
 # -- what cannot be pickled ----------------------------------------------------------

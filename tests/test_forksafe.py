@@ -109,7 +109,7 @@ def test_prepare_leaves_a_graph_without_hazards_alone():
     dsk = dict(x.__dask_graph__())
     from dask._task_spec import convert_legacy_graph
     dsk = convert_legacy_graph(dsk)
-    assert forksafe.prepare(dsk) == (dsk, [], set())
+    assert forksafe.prepare(dsk) == (dsk, [], set(), [])
 
 
 # -- writes to memory that is private to the caller -----------------------------------
@@ -455,3 +455,70 @@ def test_workers_do_not_share_numpy_random_state():
     with dask_sharedmem.MapReduce(np=2) as pool:
         pairs = pool.map(lambda i: (pool.local.rank, np.random.random()), range(8))
     assert len({v for _, v in pairs}) == 8
+
+
+# -- a numpy target is left out of the workers' memory ------------------------------
+
+def _dontfork_spans():
+    """Start addresses of this process's mappings marked MADV_DONTFORK ("dc")."""
+    spans, start = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                start = int(head.split("-")[0], 16)
+            elif line.startswith("VmFlags:") and "dc" in line.split()[1:]:
+                spans.append(start)
+    return spans
+
+
+@pytest.mark.usefixtures("always_fork")
+def test_a_numpy_store_target_is_not_in_the_workers_memory():
+    """The parent writes it: shared copy-on-write with the workers, every page it writes
+    would be copied first.  Workers do not map it at all meanwhile; afterwards they do."""
+    out = np.zeros((1024, 1024))  # 8 MB, made before the fork
+    seen = []
+
+    class Watch(Callback):
+        def _start_state(self, dsk, state):
+            seen.append(_dontfork_spans())
+
+    x = da.from_array(np.arange(1024 * 1024.0).reshape(1024, 1024), chunks=256)
+    with Watch():
+        da.store(x + 1, out, scheduler=dask_sharedmem.get, num_workers=2, lock=False)
+    np.testing.assert_array_equal(out, np.arange(1024 * 1024.0).reshape(1024, 1024) + 1)
+    assert seen and seen[0], "the target should be left out of the workers' memory"
+    assert _dontfork_spans() == []  # and given back to later forks
+
+
+@pytest.mark.usefixtures("always_fork")
+@pytest.mark.parametrize("how", ["return_stored", "read by another task"])
+def test_a_numpy_store_target_that_a_task_reads_stays_in_their_memory(how):
+    out = np.zeros(1 << 20)
+    x = da.ones(1 << 20, chunks=1 << 18)
+    seen = []
+
+    class Watch(Callback):
+        def _start_state(self, dsk, state):
+            seen.append(_dontfork_spans())
+
+    with Watch():
+        if how == "return_stored":
+            stored = da.store(x, out, return_stored=True, lock=False)
+            assert stored.sum().compute(scheduler=dask_sharedmem.get, num_workers=2) == 1 << 20
+        else:
+            total = dask.delayed(lambda a: float(a.sum()))(out)
+            task = da.store(x, out, compute=False, lock=False)
+            dask.compute(task, total, scheduler=dask_sharedmem.get, num_workers=2)
+    assert seen and seen[0] == []
+    assert (out == 1).all()
+
+
+@pytest.mark.usefixtures("always_fork")
+def test_a_task_that_reads_an_unmapped_target_through_a_closure_is_told_why():
+    out = np.zeros(1 << 20)
+    x = da.ones(1 << 20, chunks=1 << 18)
+    peek = da.ones(4, chunks=4).map_blocks(lambda b: b + out[1 << 19])  # unseen by the audit
+    task = da.store(x, out, compute=False, lock=False)
+    with pytest.raises(dask_sharedmem.WorkerDied, match="SIGSEGV.*not in the workers' memory"):
+        dask.compute(task, peek, scheduler=dask_sharedmem.get, num_workers=2)

@@ -51,7 +51,8 @@ from dask_sharedmem import (
     memory,
     transports,
 )
-from dask_sharedmem.pool import RemoteTraceback, Workers
+from dask_sharedmem.pool import Workers
+from dask_sharedmem.remote import RemoteTraceback
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 

@@ -36,15 +36,8 @@ from conftest import (
 
 import dask_sharedmem as sharedmem
 from dask_sharedmem import channel, memory, pool, transports
-from dask_sharedmem.pool import (
-    LostException,
-    RemoteTraceback,
-    WorkerDied,
-    Workers,
-    describe_status,
-    pack_exception,
-    unpack_exception,
-)
+from dask_sharedmem.pool import WorkerDied, Workers, describe_status
+from dask_sharedmem.remote import LostException, RemoteTraceback, pack_exception, unpack_exception
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 

@@ -38,6 +38,8 @@ a worker's private result is already on huge pages and one
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -55,16 +57,37 @@ _ROOMS = ("auto", "cma", "shm")
 #: starts a session (choose), so forked workers inherit it
 _active = "shm"
 
+#: 16 random bytes, new for each session of workers, which they inherit at the same
+#: address: read back from a maker after its data, they prove it was that process
+#: and not another one that got its pid after it died (see _pull)
+_nonce = bytearray(16)
+
 #: fetches of at least this many bytes from one process are split over threads
 _PARALLEL_MIN = 32 << 20
 
 
 class Offer(NamedTuple):
-    """A cma stand-in: ``nbytes`` at ``address`` in process ``pid``."""
+    """A cma stand-in: ``nbytes`` at ``address`` in process ``pid``; with a
+    ``layout`` (shape, strides, itemsize), the bytes of a strided array there,
+    in C order (pulled piece by piece: no contiguous copy in the maker)."""
 
     pid: int
     address: int
     nbytes: int
+    layout: tuple | None = None
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """Where its bytes are in the maker, in order: (address, length) pairs."""
+        if self.layout is None:
+            return [(self.address, self.nbytes)] if self.nbytes else []
+        return _pieces(self.address, *self.layout) or []
+
+
+def new_session() -> None:
+    """Before forking a session's workers: their room (:func:`choose`), and a new nonce."""
+    global _active, _nonce
+    _active = choose()
+    _nonce = bytearray(os.urandom(16))
 
 
 def choose() -> str:
@@ -126,6 +149,16 @@ class Outbox:
             self.items[k] = shm.copy([view])[0]
         return k
 
+    def offer_strided(self, a: np.ndarray) -> int | None:
+        """Offer a strided array whose contiguous runs are long enough to be pulled
+        one by one (cma only); None if it is not worth it: the caller copies it."""
+        if self.room != "cma" or _pieces(a.ctypes.data, a.shape, a.strides, a.itemsize) is None:
+            return None
+        self.items.append(Offer(os.getpid(), a.ctypes.data, a.nbytes,
+                                (a.shape, a.strides, a.itemsize)))
+        self.keep.append(a)
+        return len(self.items) - 1
+
     def close(self) -> list[Any]:
         """The stand-ins, once every offer is in place (shm packs the small ones)."""
         if self._pack:
@@ -158,13 +191,35 @@ def fetch(items: Sequence[Any]) -> list[Any]:
     for pid, ks in by_pid.items():
         remote, local = [], []
         for k in ks:
-            buf = np.empty(items[k].nbytes, np.uint8)
+            buf = _new(items[k].nbytes)
             out[k] = buf
             if buf.nbytes:
-                remote.append((items[k].address, buf.nbytes))
+                remote.extend(items[k].pieces())
                 local.append((buf.ctypes.data, buf.nbytes))
         _pull(pid, remote, local)
     return out
+
+
+#: buffers at least this large are mappings of their own (see _new)
+_MAP_MIN = 1 << 20
+_HUGE = 2 << 20
+
+
+def _new(nbytes: int) -> np.ndarray:
+    """New private memory for ``nbytes`` fetched bytes.
+
+    From 1 MiB up a mapping of its own, unmapped when the last array on it
+    goes: malloc keeps freed memory of the sizes it has seen in its heap
+    (its threshold for mappings rises to 32 MiB), so a process that fetched
+    1 GB of results kept it after they were dropped.  Advised to use huge
+    pages from 2 MiB, as numpy does with its own large arrays.
+    """
+    if nbytes < _MAP_MIN:
+        return np.empty(nbytes, np.uint8)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint8)
 
 
 def fetch_into(item: Any, out: np.ndarray) -> None:
@@ -188,7 +243,7 @@ def fetch_into(item: Any, out: np.ndarray) -> None:
         data = fetch([item])[0]
         out[...] = np.frombuffer(data, out.dtype).reshape(out.shape)
         return
-    _pull(item.pid, [(item.address, item.nbytes)], runs)
+    _pull(item.pid, item.pieces(), runs)
 
 
 #: pieces of a strided destination shorter than this are not pulled one by one
@@ -199,26 +254,52 @@ def _runs(a: np.ndarray) -> list[tuple[int, int]] | None:
     """``a``'s memory as contiguous runs in C order, or None if they would be short."""
     if a.flags.c_contiguous:
         return [(a.ctypes.data, a.nbytes)]
-    k, run = a.ndim, a.itemsize
-    while k and (a.shape[k - 1] == 1 or a.strides[k - 1] == run):  # the contiguous tail
-        run *= a.shape[k - 1]
+    return _pieces(a.ctypes.data, a.shape, a.strides, a.itemsize)
+
+
+def _pieces(address: int, shape: tuple, strides: tuple,
+            itemsize: int) -> list[tuple[int, int]] | None:
+    """The memory of an array of that layout at ``address`` as contiguous runs in C
+    order, or None if the runs would be shorter than _RUN_MIN (or go backwards).
+
+    >>> _pieces(1000, (2, 3), (8192, 8), 8) is None  # runs of 24 bytes
+    True
+    >>> _pieces(1000, (2, 1024), (16384, 8), 8)
+    [(1000, 8192), (17384, 8192)]
+    """
+    k, run = len(shape), itemsize
+    while k and (shape[k - 1] == 1 or strides[k - 1] == run):  # the contiguous tail
+        run *= shape[k - 1]
         k -= 1
-    if run < _RUN_MIN:
+    if run < _RUN_MIN or any(s < 0 for n, s in zip(shape[:k], strides[:k], strict=True)
+                             if n > 1):
         return None
     offsets = np.zeros(1, dtype=np.intp)
-    for n, stride in zip(a.shape[:k], a.strides[:k], strict=True):
+    for n, stride in zip(shape[:k], strides[:k], strict=True):
         offsets = (offsets[:, None] + np.arange(n, dtype=np.intp) * stride).ravel()
-    base = a.ctypes.data
-    return [(base + int(o), run) for o in offsets]
+    return [(address + int(o), run) for o in offsets]
 
 
 def _pull(pid: int, remote: list, local: list) -> None:
-    """cma.pull, by two or more threads when there is enough to copy."""
+    """cma.pull, by two or more threads when there is enough to copy; then the
+    session's nonce, from the same address there, must be ours: else ``pid`` is
+    no longer the maker (it died, and its pid went to another process: with
+    SIGCHLD ignored, nothing keeps a dead child's pid), and what was read is
+    not its data."""
     total = sum(n for _, n in local)
     parts = min(len(os.sched_getaffinity(0)), 4)
     if total < _PARALLEL_MIN or parts < 2:
         cma.pull(pid, remote, local)
-        return
+    else:
+        _pull_parallel(pid, remote, local, total, parts)
+    theirs = bytearray(16)
+    cma.pull(pid, [(_address(memoryview(_nonce)), 16)], [(_address(memoryview(theirs)), 16)])
+    if theirs != _nonce:
+        raise cma.MakerGone(pid, errno.ESRCH)
+
+
+def _pull_parallel(pid: int, remote: list, local: list, total: int, parts: int) -> None:
+    """cma.pull of ``parts`` equal shares, each by a thread (the call releases the GIL)."""
     rs, ls = _split(remote, parts, total), _split(local, parts, total)
     errors: list[BaseException] = []
 

@@ -201,7 +201,9 @@ def _probe() -> tuple[bool, str]:
     scope = _ptrace_scope()
     if scope >= 3 or (scope == 2 and not _has_cap_sys_ptrace()):
         return False, f"Yama's ptrace_scope is {scope} (/proc/sys/kernel/yama/ptrace_scope)"
-    return True, f"process_vm_readv (Yama ptrace_scope {scope})"
+    yama = (f"Yama ptrace_scope {scope}" if os.path.exists("/proc/sys/kernel/yama/ptrace_scope")
+            else "no Yama")
+    return True, f"process_vm_readv ({yama})"
 
 
 def allow_family(caller: int) -> None:
