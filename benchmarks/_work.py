@@ -65,3 +65,8 @@ def fill(a: np.ndarray, chunk: int) -> None:
     for lo in range(0, a.size, chunk):
         hi = min(lo + chunk, a.size)
         a[lo:hi] = np.arange(lo, hi) % 1000
+
+
+def sqrt_chunk(i: int) -> np.ndarray:
+    """``np.sqrt(c) + 1`` of chunk ``i`` of ARRAY: the large-results workload."""
+    return np.sqrt(ARRAY[i * CHUNK:(i + 1) * CHUNK]) + 1

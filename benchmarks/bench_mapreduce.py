@@ -378,3 +378,85 @@ def _shared_sharedmem(ctx, cfg):
 
     return call
 
+
+
+# --------------------------------------------------------------------------
+# Large results: each item returns a new array (numpy work, the GIL released)
+# --------------------------------------------------------------------------
+
+
+def _results_setup(cfg: Config) -> Any:
+    """A plain numpy array (the caller's private memory), cut into chunk views."""
+    n = cfg.array_bytes // 8
+    a = np.arange(n, dtype="f8")
+    chunk = n // cfg.chunks
+    chunks = [a[i * chunk:(i + 1) * chunk] for i in range(cfg.chunks)]
+    _work.ARRAY, _work.CHUNK = a, chunk
+    return types.SimpleNamespace(array=a, chunks=chunks, n=n, chunk=chunk)
+
+
+def _results_check(ctx: Any, result: Any) -> str | None:
+    result = list(result)
+    if len(result) != len(ctx.chunks):
+        return f"{len(result)} results, expected {len(ctx.chunks)}"
+    for i, r in enumerate(result):
+        first, last = i * ctx.chunk, (i + 1) * ctx.chunk - 1
+        if (np.shape(r) != (ctx.chunk,) or r[0] != np.sqrt(first) + 1
+                or r[-1] != np.sqrt(last) + 1):
+            return f"result {i} is wrong"
+    return None
+
+
+_TPE = "ThreadPoolExecutor.map"
+
+
+def _vs_threads(ctx, s, results, peer):
+    t = results.get(_TPE)
+    return s["median"] / t["median"] if t and "median" in t else None
+
+
+workload(Workload(
+    name="mapreduce-results",
+    label="7b",
+    group=GROUP,
+    title=lambda cfg, ctx: (
+        f"MapReduce returning large arrays: `np.sqrt(c) + 1` for each of {len(ctx.chunks)} "
+        f"chunks of {ctx.chunk * 8 / 2**20:.3g} MB of a plain numpy array; every result "
+        f"comes back to the caller as a list; {cfg.workers} workers, start-up included"),
+    setup=_results_setup,
+    check=_results_check,
+    columns=[Column("vs ThreadPoolExecutor", _vs_threads, "{:.2f}x")],
+    plot=Plot("seconds", value=lambda ctx, s, res: (s["median"], s["min"], s["max"])),
+    teardown=shared_teardown,
+))
+
+
+@runner("mapreduce-results", "serial for loop (1 process)")
+def _results_serial(ctx, cfg):
+    return lambda: [np.sqrt(c) + 1 for c in ctx.chunks]
+
+
+@runner("mapreduce-results", _TPE, note="the threads share the caller's memory")
+def _results_threads(ctx, cfg):
+    import concurrent.futures
+
+    def call():
+        with concurrent.futures.ThreadPoolExecutor(cfg.workers) as ex:
+            return list(ex.map(lambda c: np.sqrt(c) + 1, ctx.chunks))
+
+    return call
+
+
+@runner("mapreduce-results", "dask_sharedmem.MapReduce",
+        note="each result is pulled out of its worker by one copy")
+def _results_mapreduce(ctx, cfg):
+    def call():
+        with dask_sharedmem.MapReduce(np=cfg.workers) as pool:
+            return pool.map(lambda c: np.sqrt(c) + 1, ctx.chunks)
+
+    return call
+
+
+@runner("mapreduce-results", _MP_DEFAULT, note="chunk index; results pickled through a pipe")
+def _results_mp_pool(ctx, cfg):
+    return lambda: mp_pool(cfg.workers, _work.sqrt_chunk, range(len(ctx.chunks)))

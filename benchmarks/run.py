@@ -156,6 +156,11 @@ def targets(reports: dict, cfg) -> list[dict]:
     if a is not None and b is not None:
         target("MapReduce per-item overhead <= multiprocessing.Pool, default chunksize",
                f"{a:.1f} vs {b:.1f} µs/item", a <= b)
+    r = _value(reports, "mapreduce-results", "dask_sharedmem.MapReduce",
+               "vs ThreadPoolExecutor")
+    if r is not None:
+        target("MapReduce returning large arrays: <= 1.2x ThreadPoolExecutor.map",
+               f"{r:.2f}x", r <= 1.2)
     sp = _value(reports, "mapreduce-gil", "dask_sharedmem.MapReduce", "speed-up vs serial")
     if sp is not None:
         limit = _value(reports, "mapreduce-gil", LIMIT, "speed-up vs serial")

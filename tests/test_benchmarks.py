@@ -42,6 +42,7 @@ WORKLOADS = {
     "mapreduce-gil": ("7", ["dask_sharedmem.MapReduce",  # and the machine's limit beside it
                             "forked processes running the serial loop, no pool "
                             "(the machine's limit)"]),
+    "mapreduce-results": ("7b", ["dask_sharedmem.MapReduce"]),
     "startup-scaling": ("8", [f"0.1 GB caller, {n} worker{'s' if n > 1 else ''}"
                               for n in (1, 2, 8)]),
     "bag": ("9a", ["dask_sharedmem.get"]),
