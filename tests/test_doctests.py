@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["memory", "transports", "transports.cma", "transports.shm", "channel", "identity",
-           "remote", "pool", "forksafe", "joins", "inline", "mapreduce", "scheduler"]
+           "remote", "pool", "forksafe", "joins", "inline", "sections", "mapreduce",
+           "scheduler"]
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
