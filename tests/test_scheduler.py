@@ -1287,3 +1287,35 @@ def test_a_graph_too_big_to_run_here_is_not_remembered():
     assert not dask_sharedmem.inline._DURATIONS
     dask_sharedmem.get({"x": (inc, 1)}, "x")
     assert "x" in dask_sharedmem.inline._DURATIONS
+
+
+@pytest.mark.timeout(60)
+def test_a_free_worker_takes_a_ready_task_whose_large_input_it_holds():
+    """Of the ready tasks near the front, a worker is given one whose large inputs it
+    made (no pull from the other worker) over dask's next one that needs another's.
+
+    Two roots make 8 MB each, one per worker; each has six dependents, ready
+    together once the roots are done.  The dependents' pids (each returns its own)
+    say where they ran: with the choice, (nearly) all where their input is.
+    """
+    def root(i):
+        time.sleep(0.2)
+        return np.full(1 << 20, float(i)), os.getpid()
+
+    def dependent(made, j):
+        time.sleep(0.02)
+        return os.getpid(), made[1]
+
+    dsk = {("root", i): (root, i) for i in range(2)}
+    dsk.update({("dep", i, j): (dependent, ("root", i), j) for i in range(2) for j in range(6)})
+    keys = [("dep", i, j) for i in range(2) for j in range(6)]
+    with dask.config.set({"sharedmem.inline": 0}):
+        for _ in range(3):
+            out = dask_sharedmem.get(dsk, keys, num_workers=2)
+            roots = {maker for _, maker in out}
+            if len(roots) == 2:  # each root ran in a worker of its own
+                break
+        else:
+            pytest.skip("both roots ran in one worker three times (a loaded machine)")
+    local = sum(ran == maker for ran, maker in out)
+    assert local >= 10, f"{local} of 12 dependents ran where their input was made"
